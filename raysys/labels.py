@@ -1,0 +1,120 @@
+"""RSNA label CSV in (`ID_<image>_<subtype>,Label`), Kaggle submission CSV out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# The one canonical label order: model outputs, label arrays and metrics all use it.
+LABELS: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+ANY = LABELS.index("any")
+
+
+def read_labels(path: str | Path) -> pd.DataFrame:
+    """RSNA `ID,Label` CSV -> frame indexed by image id with the LABELS columns (int8 0/1).
+
+    Exact duplicate rows are dropped (RSNA stage 2 train has a few); conflicting
+    duplicates, unknown subtypes, missing subtypes and labels other than 0/1 raise.
+    """
+    df = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    if list(df.columns[:2]) != ["ID", "Label"]:
+        raise ValueError(f"{path}: expected columns ID,Label, got {list(df.columns)}")
+    df = df[["ID", "Label"]].drop_duplicates()
+    labels = pd.to_numeric(df["Label"], errors="coerce")
+    bad = df[~labels.isin([0, 1])]
+    if len(bad):
+        row = bad.iloc[0]
+        raise ValueError(f"{path}: label must be 0 or 1, got {row['Label']!r} for {row['ID']} ({len(bad)} bad rows)")
+    parts = df["ID"].str.rsplit("_", n=1, expand=True)
+    if parts.shape[1] != 2 or parts[1].isna().any():
+        raise ValueError(f"{path}: IDs must look like ID_<image>_<subtype>")
+    frame = pd.DataFrame({"image_id": parts[0], "subtype": parts[1], "label": labels.astype(np.int8)})
+    unknown = sorted(set(frame["subtype"]) - set(LABELS))
+    if unknown:
+        raise ValueError(f"{path}: unknown subtypes {unknown}; expected {list(LABELS)}")
+    conflicts = frame[frame.duplicated(["image_id", "subtype"], keep=False)]
+    if len(conflicts):
+        first = conflicts.iloc[0]
+        raise ValueError(f"{path}: conflicting labels for {first['image_id']}_{first['subtype']}")
+    table = frame.pivot(index="image_id", columns="subtype", values="label")
+    missing = [name for name in LABELS if name not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: no rows at all for subtypes {missing}")
+    table = table[list(LABELS)]
+    holes = table.isna().any(axis=1)
+    if holes.any():
+        image = table.index[holes][0]
+        lacking = [name for name in LABELS if pd.isna(table.loc[image, name])]
+        raise ValueError(f"{path}: {image} lacks subtypes {lacking} ({int(holes.sum())} images incomplete)")
+    table = table.astype(np.int8)
+    table.columns.name = None
+    table.index.name = "image_id"
+    return table
+
+
+def write_labels(path: str | Path, table: pd.DataFrame) -> None:
+    """Write a labels frame (index image id, LABELS columns) as an RSNA `ID,Label` CSV."""
+    _write_long(path, table.index.to_numpy(), table[list(LABELS)].to_numpy(), "%d")
+
+
+def submission_frame(
+    image_ids: Sequence[str], probabilities: np.ndarray, sample_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """`ID,Label` rows, 6 per image; in the sample submission's order when one is given.
+
+    Raises when an image repeats, a probability is outside [0, 1] or NaN, or the
+    images and the sample's images differ (no padded, dropped or invented rows).
+    """
+    ids = np.asarray(image_ids, dtype=object)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.shape != (len(ids), len(LABELS)):
+        raise ValueError(f"probabilities have shape {probs.shape}, expected ({len(ids)}, {len(LABELS)})")
+    if len(set(ids)) != len(ids):
+        dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
+        raise ValueError(f"image {dup} appears more than once")
+    if not np.all((probs >= 0) & (probs <= 1)):
+        raise ValueError("probabilities must lie in [0, 1] (found NaN or out-of-range values)")
+    frame = pd.DataFrame(
+        {
+            "ID": [f"{image}_{name}" for image in ids for name in LABELS],
+            "Label": probs.reshape(-1),
+        }
+    )
+    if sample_ids is None:
+        return frame
+    wanted = pd.Index(sample_ids)
+    if wanted.has_duplicates:
+        raise ValueError("the sample submission repeats IDs")
+    have = pd.Index(frame["ID"])
+    missing, extra = wanted.difference(have), have.difference(wanted)
+    if len(missing) or len(extra):
+        raise ValueError(
+            f"predictions and sample submission differ: {len(missing)} sample rows without a prediction"
+            f" (e.g. {list(missing[:3])}), {len(extra)} predicted rows not in the sample (e.g. {list(extra[:3])})"
+        )
+    return frame.set_index("ID").loc[wanted].reset_index()
+
+
+def write_submission(
+    path: str | Path, image_ids: Sequence[str], probabilities: np.ndarray, sample_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Write the Kaggle submission CSV (see submission_frame) and return its frame."""
+    frame = submission_frame(image_ids, probabilities, sample_ids)
+    frame.to_csv(path, index=False, float_format="%.6g")
+    return frame
+
+
+def sample_image_ids(sample_ids: Sequence[str]) -> list[str]:
+    """Distinct image ids of a sample submission's `ID_<image>_<subtype>` rows, in order."""
+    return list(dict.fromkeys(str(i).rsplit("_", 1)[0] for i in sample_ids))
+
+
+def _write_long(path: str | Path, ids: np.ndarray, values: np.ndarray, fmt: str) -> None:
+    with open(path, "w") as f:
+        f.write("ID,Label\n")
+        for image, row in zip(ids, values):
+            for name, value in zip(LABELS, row):
+                f.write(f"{image}_{name},{fmt % value}\n")
