@@ -73,7 +73,13 @@ def parse_windows(spec: str | Iterable[str | Window]) -> tuple[Window, ...]:
 def format_windows(windows: Iterable[Window]) -> str:
     """The inverse of parse_windows: preset names where they match, CENTER/WIDTH otherwise."""
     names = {w: name for name, w in PRESETS.items()}
-    return ",".join(names.get(w, f"{w.center:g}/{w.width:g}") for w in windows)
+    return ",".join(names.get(w, f"{_number(w.center)}/{_number(w.width)}") for w in windows)
+
+
+def _number(value: float) -> str:
+    """Shortest text that parses back to `value` ("40", not "40.0"; never rounded like :g)."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
 
 
 _buffers = threading.local()
@@ -112,7 +118,7 @@ def resize_square(
         src = _float_buffer((h, w))
         np.copyto(src, pixels, casting="unsafe")
     small = src if (nh, nw) == (h, w) else cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA)
-    if small is pixels:
+    if small is src:  # never hand out the caller's array or the reused scratch buffer
         small = small.copy()
     if slope != 1.0:
         small *= np.float32(slope)

@@ -1,0 +1,114 @@
+"""train_one_epoch / evaluate in plain torch: the weighted loss, mixed precision, channels_last."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysys.metrics import LABEL_WEIGHTS, per_class_auc, per_class_log_loss, weighted_log_loss
+from raysys.model import unwrap
+from raysys.presets import to_model_input
+
+
+class WeightedBCE(nn.Module):
+    """The competition metric as a loss: BCE per cell x (any = 2, others 1), / (sum of weights x N)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weights", torch.tensor(LABEL_WEIGHTS, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cells = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+        return (cells * self.weights).sum() / (self.weights.sum() * len(targets))
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast where asked; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def use_amp(setting: str, device: torch.device) -> bool:
+    """"auto" means bf16 on CUDA only: on CPU bf16 is slower on most chips and changes numerics."""
+    return setting == "bf16" or (setting == "auto" and device.type == "cuda")
+
+
+def _inputs(batch: dict, model: nn.Module, device: torch.device) -> torch.Tensor:
+    contract = unwrap(model).contract
+    x = to_model_input(batch["image"].to(device, non_blocking=True), contract.mean, contract.std)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    aux_weight: float = 0.4,
+    max_steps: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed."""
+    model.train()
+    total_loss, images, steps, start = 0.0, 0, 0, time.perf_counter()
+    for batch in batches:
+        x, y = _inputs(batch, model, device), batch["label"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+        if isinstance(out, tuple):  # InceptionOutputs(logits, aux_logits) when the aux head is on
+            loss = loss_fn(out[0], y) + aux_weight * loss_fn(out[1], y)
+        else:
+            loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        images += len(y)
+        steps += 1
+        if on_step:
+            on_step(steps, images, time.perf_counter() - start)
+        if max_steps and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(images, 1), "train_images": images, "train_seconds": seconds,
+            "train_images_per_s": images / seconds if seconds > 0 else 0.0}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, batches: Iterable[dict], device: torch.device, *, amp: bool = False) -> dict:
+    """Sigmoid probabilities for every row of `batches`, with the ids and labels they came with."""
+    model.eval()
+    probs, labels, ids = [], [], []
+    for batch in batches:
+        with autocast(device, amp):
+            logits = model(_inputs(batch, model, device))
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        if "label" in batch:
+            labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
+        if "image_id" in batch:
+            ids.extend(batch["image_id"])
+    out = {"probabilities": np.concatenate(probs) if probs else np.zeros((0, 6), np.float32), "image_ids": ids}
+    if labels:
+        out["labels"] = np.concatenate(labels)
+    return out
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device, *, amp: bool = False) -> dict:
+    """Validation metrics: the competition score, per-class log loss and per-class AUC."""
+    start = time.perf_counter()
+    out = predict(model, batches, device, amp=amp)
+    y, p = out["labels"], out["probabilities"]
+    return {
+        "val_weighted_log_loss": weighted_log_loss(y, p),
+        "val_per_class_log_loss": per_class_log_loss(y, p),
+        "val_per_class_auc": per_class_auc(y, p),
+        "val_images": int(len(y)),
+        "val_seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,170 @@
+"""InceptionV3 with a 6-label head, its input contract, and save/load of a checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import Inception_V3_Weights, inception_v3
+
+from raysys.labels import LABELS
+
+MIN_SIZE = 75  # InceptionV3's smallest input without the aux head
+AUX_MIN_SIZE = 299  # the aux head's 5x5 conv needs a 17x17 map, i.e. >= 299 px input
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATE_FILE = "model.pt"  # weights + optimizer + scheduler + epoch
+META_FILE = "meta.json"  # everything needed to reproduce preprocessing, readable without torch
+CONFIG_FILE = "config.yaml"  # the resolved run config
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What the network expects: (channels, size, size) in [0, 1], then normalised per channel."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN  # torchvision's InceptionV3 (transform_input) expects these
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: bool = False) -> nn.Module:
+    """torchvision inception_v3 with len(LABELS) sigmoid outputs (logits here; sigmoid at inference).
+
+    weights: "none" (random init), "imagenet" (torchvision download), a local ImageNet
+    state-dict file, or a raysys checkpoint directory (its model weights).
+    """
+    if image_size < MIN_SIZE:
+        raise ValueError(f"InceptionV3 needs image_size >= {MIN_SIZE}, got {image_size}")
+    if aux_logits and image_size < AUX_MIN_SIZE:
+        raise ValueError(f"aux_logits needs image_size >= {AUX_MIN_SIZE} (torchvision's aux head), got {image_size}")
+    kind = weights.lower() if weights.lower() in ("none", "imagenet") else "path"
+    # transform_input=True: inputs arrive ImageNet-normalised (the contract) for every kind of weights.
+    model = inception_v3(weights=None, aux_logits=True, init_weights=kind == "none", transform_input=True)
+    if kind == "imagenet":
+        model.load_state_dict(_download_imagenet())
+    elif kind == "path":
+        _load_local(model, Path(weights))
+    model.fc = nn.Linear(model.fc.in_features, len(LABELS))
+    if aux_logits:
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, len(LABELS))
+    else:
+        model.aux_logits, model.AuxLogits = False, None
+    model.contract = InputContract(size=image_size)
+    return model
+
+
+def _download_imagenet() -> dict:
+    url = Inception_V3_Weights.IMAGENET1K_V1.url
+    try:
+        return Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"could not download the ImageNet weights ({e}). Offline, fetch {url} on a machine with "
+            "internet and pass its local path instead: --weights /path/to/inception_v3_google-0cc3c7bd.pth "
+            "(or --weights none to train from scratch)"
+        ) from None
+
+
+def _load_local(model: nn.Module, path: Path) -> None:
+    """Load a local ImageNet state dict or a raysys checkpoint's backbone; the 6-label head is rebuilt."""
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {path}: no such file (expected a state dict or a checkpoint directory)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits.fc."))}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith(("fc.", "AuxLogits."))]
+    if missing or unexpected:
+        raise ValueError(f"weights {path}: not an InceptionV3 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (and torch.compile) wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory: ready model (eval mode) plus everything that made it."""
+
+    model: nn.Module
+    meta: dict  # labels, windows, image_size, contract, epoch, metrics
+    config: dict  # the resolved run config
+    state: dict  # optimizer / scheduler state for resuming
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    config: dict,
+    epoch: int,
+    metrics: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+) -> Path:
+    """Write model.pt, meta.json and config.yaml into `directory` (created if needed)."""
+    import yaml
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = unwrap(model)
+    torch.save(
+        {
+            "model": plain.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "epoch": epoch,
+        },
+        directory / STATE_FILE,
+    )
+    meta = {
+        "labels": list(LABELS),
+        "windows": config["data"]["windows"],
+        "image_size": plain.contract.size,
+        "contract": asdict(plain.contract),
+        "aux_logits": bool(plain.aux_logits),
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    with open(directory / CONFIG_FILE, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    """meta.json of a checkpoint directory, with a clear error when it is not one."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a raysys checkpoint (no {META_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("labels") != list(LABELS):
+        raise ValueError(f"{directory}: checkpoint label order {meta.get('labels')} differs from {list(LABELS)}")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """The one loader for training (resume), batch inference and serving."""
+    import yaml
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config = yaml.safe_load((directory / CONFIG_FILE).read_text()) if (directory / CONFIG_FILE).is_file() else {}
+    model = build_model("none", image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return Checkpoint(model=model, meta=meta, config=config, state=state)

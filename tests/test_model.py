@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss
+
+from raysys.engine import WeightedBCE, evaluate, train_one_epoch
+from raysys.labels import LABELS
+from raysys.metrics import weighted_log_loss
+from raysys.model import build_model, load_checkpoint, save_checkpoint
+from raysys.presets import to_model_input
+
+SIZE = 80  # smallest size InceptionV3 accepts comfortably; keeps CPU tests fast
+
+
+def _batches(n_batches=2, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        y = (torch.rand(batch, 6, generator=g) < 0.3).float()
+        y[:, 5] = y[:, :5].max(dim=1).values
+        yield {"image": torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g), "label": y}
+
+
+def test_model_outputs_six_logits_and_declares_its_contract():
+    torch.manual_seed(0)
+    model = build_model("none", image_size=SIZE).eval()
+    out = model(torch.zeros(2, 3, SIZE, SIZE))
+    assert out.shape == (2, len(LABELS))
+    assert model.contract.size == SIZE and model.contract.channels == 3
+
+
+def test_size_limits_and_aux_head():
+    with pytest.raises(ValueError, match=">= 75"):
+        build_model("none", image_size=64)
+    with pytest.raises(ValueError, match="299"):
+        build_model("none", image_size=256, aux_logits=True)
+    model = build_model("none", image_size=299, aux_logits=True).train()
+    out = model(torch.zeros(2, 3, 299, 299))
+    assert out.logits.shape == (2, 6) and out.aux_logits.shape == (2, 6)
+
+
+def test_imagenet_offline_error_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    # Point torch's cache at an empty folder so the (offline) download is really attempted.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="--weights /path/to/"):
+        build_model("imagenet", image_size=SIZE)
+
+
+def test_local_state_dict_weights_load(tmp_path):
+    torch.manual_seed(1)
+    source = build_model("none", image_size=SIZE)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = build_model(str(tmp_path / "w.pth"), image_size=SIZE)
+    for name in ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch1x1.conv.weight"):
+        assert torch.equal(dict(model.named_parameters())[name], dict(source.named_parameters())[name])
+    with pytest.raises(FileNotFoundError):
+        build_model(str(tmp_path / "nope.pth"), image_size=SIZE)
+
+
+def test_weighted_bce_equals_the_competition_metric():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(50, 6, generator=g), (torch.rand(50, 6, generator=g) < 0.4).float()
+    p = torch.sigmoid(logits).double().numpy()
+    weights = np.tile([1, 1, 1, 1, 1, 2], 50)
+    expected = log_loss(y.numpy().reshape(-1), p.reshape(-1), sample_weight=weights, labels=[0, 1])
+    assert WeightedBCE()(logits, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_to_model_input_normalises_per_channel():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).repeat(1, 3, 1, 1)
+    x = to_model_input(images, (0.5, 0.25, 0.0), (0.5, 0.5, 1.0))
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([-1.0, -0.5, 0.0]))
+    assert torch.allclose(x[0, :, 0, 1], torch.tensor([1.0, 1.5, 1.0]))
+
+
+def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model("none", image_size=SIZE)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, _batches(), optimizer, WeightedBCE(), device)
+    assert stats["train_images"] == 8 and np.isfinite(stats["train_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    val = list(_batches(seed=9))
+    metrics = evaluate(model, val, device)
+    y = torch.cat([b["label"] for b in val]).numpy()
+    with torch.inference_mode():
+        model.eval()
+        p = torch.cat([torch.sigmoid(model(to_model_input(b["image"], model.contract.mean, model.contract.std))) for b in val])
+    assert metrics["val_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p.numpy()), rel=1e-5)
+    assert set(metrics["val_per_class_auc"]) == set(LABELS)
+
+    cfg = {"data": {"windows": "brain,subdural,soft_tissue"}}
+    save_checkpoint(tmp_path / "ck", model, config=cfg, epoch=3, metrics=metrics, optimizer=optimizer)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.meta["epoch"] == 3 and loaded.meta["labels"] == list(LABELS) and loaded.meta["image_size"] == SIZE
+    x = to_model_input(val[0]["image"], model.contract.mean, model.contract.std)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
