@@ -22,7 +22,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype={"ID": str, "Label": str})
     if list(df.columns[:2]) != ["ID", "Label"]:
         raise ValueError(f"{path}: expected columns ID,Label, got {list(df.columns)}")
-    df = df[["ID", "Label"]].drop_duplicates()
+    df = df[["ID", "Label"]]
     labels = pd.to_numeric(df["Label"], errors="coerce")
     bad = df[~labels.isin([0, 1])]
     if len(bad):
@@ -31,7 +31,8 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     parts = df["ID"].str.rsplit("_", n=1, expand=True)
     if parts.shape[1] != 2 or parts[1].isna().any():
         raise ValueError(f"{path}: IDs must look like ID_<image>_<subtype>")
-    frame = pd.DataFrame({"image_id": parts[0], "subtype": parts[1], "label": labels.astype(np.int8)})
+    # Exact duplicates ("0" and "0.0" alike) are dropped after parsing; conflicting ones stay to be caught.
+    frame = pd.DataFrame({"image_id": parts[0], "subtype": parts[1], "label": labels.astype(np.int8)}).drop_duplicates()
     unknown = sorted(set(frame["subtype"]) - set(LABELS))
     if unknown:
         raise ValueError(f"{path}: unknown subtypes {unknown}; expected {list(LABELS)}")

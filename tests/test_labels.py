@@ -27,7 +27,7 @@ def test_read_labels_pivots_to_canonical_order(tmp_path):
 
 def test_exact_duplicates_are_dropped(tmp_path):
     rows = _rows("ID_a", [1, 0, 0, 0, 0, 1])
-    table = read_labels(_csv(tmp_path, rows + rows[:3]))
+    table = read_labels(_csv(tmp_path, rows + rows[:3] + [("ID_a_any", "1.0")]))
     assert len(table) == 1
 
 

@@ -1,0 +1,431 @@
+"""Ray Data: list DICOMs, decode + window in map_batches, split by patient, balance, augment, cache.
+
+How the pieces fit (all on Ray Data, so CPU nodes decode while GPU workers train):
+
+1. `scan(data, labels)` reads every file once, validates it with the DICOM core and
+   keeps its header fields (no pixels) in a small pandas index. Bad files become
+   error records (image id, path, reason), written to `errors.csv`; more than
+   `max_error_fraction` of them fails the run. A prepared cache is scanned by
+   reading only its id columns.
+2. `split_by_patient(index, ...)` holds patients (PatientID, else StudyInstanceUID)
+   out whole, stratified on `any`; `balance(train, epoch, ...)` draws the epoch's
+   negatives with (seed, epoch).
+3. `image_dataset(index, source, ...)` streams just those images: DICOM bytes
+   -> (C, S, S) uint8 windows in `map_batches`, or rows of the Parquet cache;
+   `augment_dataset(ds, ...)` adds train-side albumentations on the data workers.
+
+Resources on small machines: decode tasks reserve `decode_cpus` (0.25) CPUs each
+and Train workers 0.5 each (`TrainConfig.cpus_per_worker`), so on a 2-core machine
+two workers hold 1 CPU and up to four decode tasks share the other. With whole
+CPUs per worker, Ray Data could never schedule a task and the run would hang.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from raysys.config import AugmentConfig
+from raysys.dicom import DicomDecodeError, decode
+from raysys.labels import ANY, LABELS, read_labels
+from raysys.windowing import Window, parse_windows, window_pixels
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ["image_id", "path", "patient_id", "study_id", "series_id", "z"]
+ERROR_COLUMNS = ["image_id", "path", "reason"]
+CACHE_MARKER = "raysys-cache.json"  # written last by prepare(); its presence marks a complete cache
+DECODE_BATCH = 16  # images per decode task batch: ~3 MiB of DICOM bytes, a few ms of work
+
+
+class DataError(RuntimeError):
+    """The data as a whole cannot be used (too many bad files, missing labels, ...)."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What scan() found: usable images (index) and the files that could not be read (errors)."""
+
+    index: pd.DataFrame  # META_COLUMNS (+ LABELS when labels were given), one row per good image
+    errors: pd.DataFrame  # ERROR_COLUMNS, one row per unreadable file
+    source: str  # "dicom" or "cache"
+    data: str  # the folder/URI that was scanned
+
+    @property
+    def total(self) -> int:
+        return len(self.index) + len(self.errors)
+
+
+# --- reading and decoding ---------------------------------------------------------------
+
+
+def is_cache(data: str) -> bool:
+    """True when `data` is a folder written by prepare() (local paths only; URIs are never auto-detected)."""
+    return "://" not in data and (Path(data) / CACHE_MARKER).is_file()
+
+
+def _image_id_from_path(path: str) -> str:
+    return Path(str(path)).name.removesuffix(".dcm")
+
+
+def _decode_rows(batch: dict, windows: tuple[Window, ...] | None, size: int, strict: bool) -> dict:
+    """DICOM bytes -> header fields (+ windowed image bytes when `windows` is given).
+
+    A file that fails yields an error row with an empty `image` (no pixels at all,
+    never a stand-in image); with strict=True it raises instead.
+    """
+    out = {name: [] for name in [*META_COLUMNS, "image", "error"]}
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            dslice = decode(data, name=str(path))
+            image = b""
+            if windows is not None:
+                image = window_pixels(dslice.pixels, dslice.slope, dslice.intercept, windows, size).tobytes()
+            meta, error = dslice.meta, ""
+        except DicomDecodeError as e:
+            if strict:
+                raise
+            meta, image, error = None, b"", str(e)
+        out["image_id"].append(meta.image_id if meta and meta.image_id else _image_id_from_path(path))
+        out["path"].append(str(path))
+        out["patient_id"].append(meta.patient_id if meta else "")
+        out["study_id"].append(meta.study_id if meta else "")
+        out["series_id"].append(meta.series_id if meta else "")
+        out["z"].append(meta.z if meta else float("nan"))
+        out["image"].append(image)
+        out["error"].append(error)
+    return {name: np.array(values, dtype=object if name != "z" else np.float64) for name, values in out.items()}
+
+
+def _read_dicoms(paths: str | list[str], decode_cpus: float) -> ray.data.Dataset:
+    return ray.data.read_binary_files(
+        paths, include_paths=True, file_extensions=["dcm"], ray_remote_args={"num_cpus": decode_cpus}
+    )
+
+
+def _decoded(paths, windows, size, decode_cpus, strict) -> ray.data.Dataset:
+    return _read_dicoms(paths, decode_cpus).map_batches(
+        _decode_rows,
+        fn_kwargs={"windows": windows, "size": size, "strict": strict},
+        batch_size=DECODE_BATCH,
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+    )
+
+
+# --- scan: the index of usable images and the error records -------------------------------
+
+
+def scan(
+    data: str,
+    labels: str | None = None,
+    *,
+    training: bool = True,
+    max_error_fraction: float = 0.001,
+    run_dir: str | Path | None = None,
+    decode_cpus: float = 0.25,
+) -> Scan:
+    """Index every image under `data` (DICOM folder/URI or prepared cache) and record bad files.
+
+    With `labels`, the index gains the six label columns; for training data
+    (`training=True`) an image without a label row is an error naming it.
+    Errors go to `run_dir/errors.csv` and one summary log line.
+    """
+    if is_cache(data):
+        frame = ray.data.read_parquet(data, columns=[*META_COLUMNS, "error"]).to_pandas()
+        source = "cache"
+    else:
+        frame = (
+            _decoded(data, None, 0, decode_cpus, strict=False)
+            .select_columns([*META_COLUMNS, "error"])
+            .to_pandas()
+        )
+        source = "dicom"
+    if frame.empty:
+        raise DataError(f"{data}: no .dcm files found")
+    text = [c for c in frame.columns if c != "z"]
+    frame[text] = frame[text].astype(str)
+    bad = frame["error"] != ""
+    errors = frame.loc[bad, ["image_id", "path", "error"]].rename(columns={"error": "reason"}).reset_index(drop=True)
+    index = frame.loc[~bad, META_COLUMNS].sort_values(["patient_id", "study_id", "z", "image_id"])
+    duplicated = index["image_id"].duplicated()
+    if duplicated.any():
+        raise DataError(f"{data}: image id {index.loc[duplicated, 'image_id'].iloc[0]} appears in more than one file")
+    index = index.set_index("image_id", drop=False)
+    index.index.name = None
+    if labels:
+        index = _attach_labels(index, read_labels(labels), labels, training)
+    result = Scan(index=index, errors=errors, source=source, data=data)
+    report_errors(result, max_error_fraction, run_dir)
+    return result
+
+
+def _attach_labels(index: pd.DataFrame, table: pd.DataFrame, labels: str, training: bool) -> pd.DataFrame:
+    missing = index.index.difference(table.index)
+    if len(missing) and training:
+        raise DataError(
+            f"{labels}: {len(missing)} images have no label rows, e.g. {list(missing[:5])}; "
+            "training needs a label for every image"
+        )
+    joined = index.join(table, how="left")
+    joined[list(LABELS)] = joined[list(LABELS)].fillna(-1).astype(np.int8)  # -1: unlabelled (inference only)
+    return joined
+
+
+def report_errors(result: Scan, max_error_fraction: float, run_dir: str | Path | None) -> None:
+    """errors.csv in the run directory, one summary log line, and the max_error_fraction gate."""
+    n_bad, total = len(result.errors), result.total
+    where = ""
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(run_dir) / "errors.csv"
+        result.errors.to_csv(path, index=False)
+        where = f" (listed in {path})"
+    if n_bad:
+        reasons = result.errors["reason"].str.split(": ", n=1).str[-1].str.split(" \\(").str[0]
+        common = reasons.value_counts().head(3).to_dict()
+        log.warning("%d of %d files unreadable%s; most common reasons: %s", n_bad, total, where, common)
+    if total and n_bad / total > max_error_fraction:
+        raise DataError(
+            f"{n_bad} of {total} files ({n_bad / total:.2%}) are unreadable, over max_error_fraction "
+            f"{max_error_fraction:.2%}{where}; first: {result.errors['reason'].iloc[0]}"
+        )
+
+
+# --- split and balance --------------------------------------------------------------------
+
+
+def group_ids(index: pd.DataFrame) -> pd.Series:
+    """The unit kept whole by splits: PatientID, falling back to StudyInstanceUID, then the image."""
+    group = index["patient_id"].where(index["patient_id"] != "", index["study_id"])
+    return group.where(group != "", index["image_id"])
+
+
+def fold_of_groups(index: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+    """Assign each group (patient) to one of `folds` folds, stratified on whether it has any bleed."""
+    groups = group_ids(index)
+    positive = index["any"].groupby(groups).max() > 0 if "any" in index else pd.Series(False, index=groups.unique())
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for flag in (True, False):
+        members = np.array(sorted(positive.index[positive == flag]))
+        rng.shuffle(members)
+        offset = int(rng.integers(folds))
+        assignment.update({g: (i + offset) % folds for i, g in enumerate(members)})
+    return groups.map(assignment)
+
+
+def split_by_patient(
+    index: pd.DataFrame, *, val_fraction: float = 0.1, seed: int = 0, folds: int = 0, fold: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation): whole patients on one side, stratified on `any`, deterministic for the seed.
+
+    folds == 0: validation takes round(val_fraction x patients); folds = k: fold `fold` of k.
+    """
+    if folds:
+        assigned = fold_of_groups(index, folds, seed)
+        held = assigned == fold
+    else:
+        # One split = fold 0 of round(1 / val_fraction) folds, so the two options agree.
+        assigned = fold_of_groups(index, max(2, round(1 / val_fraction)), seed)
+        held = assigned == 0
+    return index[~held], index[held]
+
+
+def balance(train: pd.DataFrame, *, epoch: int, seed: int = 0, neg_ratio: float = 1.0) -> pd.DataFrame:
+    """This epoch's training rows: every positive (`any` = 1) and neg_ratio x as many negatives.
+
+    Drawn with (seed, epoch), so each epoch sees other negatives and a rerun sees the
+    same ones; rows come back shuffled. Validation and test data are never balanced.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    positives = train[train["any"] == 1]
+    negatives = train[train["any"] == 0]
+    n_neg = min(len(negatives), round(neg_ratio * len(positives))) if len(positives) else len(negatives)
+    chosen = negatives.iloc[rng.choice(len(negatives), size=n_neg, replace=False)] if n_neg else negatives.iloc[:0]
+    rows = pd.concat([positives, chosen])
+    return rows.iloc[rng.permutation(len(rows))]
+
+
+# --- image datasets ----------------------------------------------------------------------
+
+
+def _with_labels(
+    batch: dict, size: int, channels: int, labels: dict[str, np.ndarray] | None, keep: set[str] | None = None
+) -> dict:
+    """Image bytes -> (B, C, S, S) uint8; attach float32 labels by image id; keep only `keep` ids if given."""
+    ids = batch["image_id"]
+    rows = np.arange(len(ids)) if keep is None else np.flatnonzero([i in keep for i in ids])
+    images = np.empty((len(rows), channels, size, size), np.uint8)
+    for out_row, row in enumerate(rows):
+        images[out_row] = np.frombuffer(batch["image"][row], np.uint8).reshape(channels, size, size)
+    out = {"image": images, "image_id": ids[rows]}
+    if labels is not None:
+        out["label"] = np.array([labels[ids[row]] for row in rows], np.float32).reshape(len(rows), len(LABELS))
+    return out
+
+
+def image_dataset(
+    index: pd.DataFrame,
+    source: Scan | str,
+    *,
+    windows: str | Iterable[Window] = "brain,subdural,soft_tissue",
+    size: int = 256,
+    with_labels: bool = True,
+    decode_cpus: float = 0.25,
+) -> ray.data.Dataset:
+    """Stream the images of `index` as rows `image` (uint8 (C, S, S)), `image_id` and `label` (float32 (6,)).
+
+    From DICOMs: only the listed files are read and decoded. From a cache: its
+    Parquet shards are filtered to the listed ids (the cache must have been
+    prepared with the same windows and size).
+    """
+    windows = parse_windows(windows)
+    data = source.data if isinstance(source, Scan) else source
+    labels = dict(zip(index["image_id"], index[list(LABELS)].to_numpy(np.float32))) if with_labels else None
+    keep = None
+    if is_cache(data):
+        _check_cache(data, windows, size)
+        keep = set(index["image_id"])  # error rows are never in an index, so they drop out here too
+        ds = ray.data.read_parquet(data, columns=["image_id", "image"])
+    else:
+        ds = _decoded(list(index["path"]), windows, size, decode_cpus, strict=True)
+    return ds.map_batches(
+        _with_labels,
+        fn_kwargs={"size": size, "channels": len(windows), "labels": labels, "keep": keep},
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+    )
+
+
+# --- augmentation --------------------------------------------------------------------------
+
+
+def build_augment(cfg: AugmentConfig):
+    """The train-side albumentations pipeline on (S, S, C) uint8 images; air (0) fills borders."""
+    import albumentations as A
+    import cv2
+
+    border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.VerticalFlip(p=cfg.vflip),
+            A.Rotate(limit=cfg.rotate_limit, p=cfg.rotate, **border),
+            A.Affine(scale=(0.9, 1.1), shear=(-8, 8), p=cfg.affine, **border),
+            A.ElasticTransform(alpha=30, sigma=6, p=cfg.elastic, **border),
+            # On uint8 data, salt is 255 and pepper 0: the extremes of the image's own range.
+            A.SaltAndPepper(amount=(cfg.salt_pepper_amount, cfg.salt_pepper_amount), p=cfg.salt_pepper),
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _pipeline(cfg: AugmentConfig):
+    return build_augment(cfg)  # once per worker process and config, not per batch
+
+
+def _augment_batch(batch: dict, cfg: AugmentConfig, seed: int, epoch: int) -> dict:
+    """Augment each image with a seed from (seed, epoch, image id).
+
+    Seeding per image (not per batch) makes the result independent of how Ray
+    groups rows into batches, so a (seed, epoch) rerun reproduces every image.
+    """
+    pipeline = _pipeline(cfg)
+    images = batch["image"]
+    out = np.empty_like(images)
+    for i, (image, image_id) in enumerate(zip(images, batch["image_id"])):
+        pipeline.set_random_seed(image_seed(seed, epoch, image_id))
+        out[i] = pipeline(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
+    return {**batch, "image": out}
+
+
+def image_seed(seed: int, epoch: int, image_id: str) -> int:
+    """A stable 32-bit seed per (seed, epoch, image): Python's hash() is salted per process."""
+    digest = np.frombuffer(image_id.encode(), np.uint8).astype(np.uint64)
+    mixed = np.random.SeedSequence([seed, epoch, *digest.tolist()])
+    return int(mixed.generate_state(1)[0])
+
+
+def augment_dataset(ds: ray.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: int, decode_cpus: float = 0.25):
+    """Add train-side augmentation, run on the data workers."""
+    return ds.map_batches(
+        _augment_batch, fn_kwargs={"cfg": cfg, "seed": seed, "epoch": epoch}, batch_format="numpy", num_cpus=decode_cpus
+    )
+
+
+# --- the preprocessed cache ----------------------------------------------------------------
+
+
+def prepare(
+    data: str,
+    out: str | Path,
+    *,
+    labels: str | None = None,
+    windows: str | Iterable[Window] = "brain,subdural,soft_tissue",
+    size: int = 256,
+    max_error_fraction: float = 0.001,
+    decode_cpus: float = 0.25,
+) -> dict:
+    """Decode and window every DICOM once into Parquet shards under `out`; returns size statistics.
+
+    Rows keep their error records (empty image, reason) so scan() of the cache
+    reports the same bad files. labels.csv is copied in when given.
+    """
+    windows = parse_windows(windows)
+    out = Path(out)
+    if labels:
+        read_labels(labels)  # fail early on a bad CSV, before hours of decoding
+    _decoded(data, windows, size, decode_cpus, strict=False).write_parquet(str(out))
+    frame = pd.read_parquet(out, columns=["image_id", "path", "error"]).astype(str)
+    dicom_bytes = _total_size(frame["path"])
+    cache_bytes = sum(f.stat().st_size for f in out.glob("*.parquet"))
+    good = int((frame["error"] == "").sum())
+    stats = {
+        "images": good,
+        "errors": int(len(frame) - good),
+        "windows": [(w.center, w.width) for w in windows],
+        "size": size,
+        "dicom_bytes": dicom_bytes,
+        "cache_bytes": cache_bytes,
+        "dicom_bytes_per_image": dicom_bytes / max(len(frame), 1),
+        "cache_bytes_per_image": cache_bytes / max(good, 1),
+    }
+    if labels:
+        (out / "labels.csv").write_bytes(Path(labels).read_bytes())
+    bad = frame["error"] != ""
+    errors = frame.loc[bad, ["image_id", "path", "error"]].rename(columns={"error": "reason"})
+    report_errors(Scan(frame[~bad], errors, "cache", str(out)), max_error_fraction, out)
+    (out / CACHE_MARKER).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _total_size(paths: pd.Series) -> int:
+    """Bytes of the source files when they are local; 0 for object storage (not listed again)."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            return 0
+    return total
+
+
+def _check_cache(data: str, windows: tuple[Window, ...], size: int) -> None:
+    stats = json.loads((Path(data) / CACHE_MARKER).read_text())
+    have = [tuple(w) for w in stats["windows"]]
+    want = [(w.center, w.width) for w in windows]
+    if have != want or stats["size"] != size:
+        raise DataError(
+            f"{data}: cache holds windows {have} at {stats['size']} px, the run asks for {want} at {size} px; "
+            "prepare a new cache or match the run to it"
+        )

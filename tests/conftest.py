@@ -1,0 +1,17 @@
+"""Shared fixtures: one real local Ray (2 CPUs) per test session, phantom data on disk."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1_500_000_000)
+    yield ray
+    ray.shutdown()

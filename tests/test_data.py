@@ -1,0 +1,169 @@
+"""Ray Data pipeline on a real local Ray with phantom studies (quirks and one truncated file)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysys import data as rdata
+from raysys.config import AugmentConfig
+from raysys.labels import LABELS
+from raysys.phantom import PhantomConfig, write_dataset
+from raysys.windowing import parse_windows, window_stack
+from raysys.dicom import read_dicom
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    # Prevalence raised so a few dozen slices hold positives of every kind.
+    cfg = PhantomConfig(studies=8, slices_per_study=(8, 10), size=128, seed=3, quirks=True, quirk_files=1,
+                        prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
+                                    "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4})
+    frame = write_dataset(out, cfg)
+    return out, frame
+
+
+@pytest.fixture(scope="module")
+def scanned(ray_session, phantom, tmp_path_factory):
+    out, _ = phantom
+    run_dir = tmp_path_factory.mktemp("run")
+    return rdata.scan(str(out / "dicoms"), str(out / "labels.csv"), max_error_fraction=0.05, run_dir=run_dir), run_dir
+
+
+def test_scan_counts_good_images_and_records_the_truncated_file(phantom, scanned):
+    _, frame = phantom
+    found, run_dir = scanned
+    truncated = frame.index[frame["quirk"] == "truncated"]
+    assert len(truncated) == 1
+    assert found.total == len(frame)
+    assert list(found.errors["image_id"]) == list(truncated)
+    assert "expected" in found.errors["reason"].iloc[0]  # "pixel data is N bytes, expected M"
+    written = pd.read_csv(run_dir / "errors.csv")
+    assert list(written["image_id"]) == list(truncated) and list(written.columns) == rdata.ERROR_COLUMNS
+    # Every good image is indexed with its labels and header fields; the bad one is not.
+    good = frame.drop(index=truncated)
+    assert sorted(found.index.index) == sorted(good.index)
+    assert (found.index.loc[good.index, list(LABELS)].to_numpy() == good[list(LABELS)].to_numpy()).all()
+    assert (found.index.loc[good.index, "patient_id"] == good["patient_id"]).all()
+
+
+def test_too_many_errors_fail_the_run_with_a_clear_message(ray_session, phantom):
+    out, _ = phantom
+    with pytest.raises(rdata.DataError, match="over max_error_fraction"):
+        rdata.scan(str(out / "dicoms"), str(out / "labels.csv"), max_error_fraction=0.001)
+
+
+def test_training_images_without_labels_are_an_error_inference_allows_them(ray_session, phantom, tmp_path):
+    out, frame = phantom
+    lines = (out / "labels.csv").read_text().splitlines()
+    dropped = frame.index[0]
+    (tmp_path / "partial.csv").write_text("\n".join(l for l in lines if not l.startswith(dropped)) + "\n")
+    with pytest.raises(rdata.DataError, match=dropped):
+        rdata.scan(str(out / "dicoms"), str(tmp_path / "partial.csv"), max_error_fraction=0.05)
+    found = rdata.scan(str(out / "dicoms"), str(tmp_path / "partial.csv"), training=False, max_error_fraction=0.05)
+    assert (found.index.loc[dropped, list(LABELS)] == -1).all()
+
+
+def test_split_keeps_patients_whole_and_is_deterministic(scanned):
+    index = scanned[0].index
+    train, val = rdata.split_by_patient(index, val_fraction=0.25, seed=1)
+    assert len(train) + len(val) == len(index)
+    assert set(train["patient_id"]).isdisjoint(val["patient_id"])
+    assert len(set(val["patient_id"])) >= 1
+    again, _ = rdata.split_by_patient(index, val_fraction=0.25, seed=1)
+    assert list(again.index) == list(train.index)
+    folds = [rdata.split_by_patient(index, folds=4, fold=k, seed=2)[1] for k in range(4)]
+    assert sum(len(f) for f in folds) == len(index)  # every image validates in exactly one fold
+    patients = [set(f["patient_id"]) for f in folds]
+    assert all(a.isdisjoint(b) for i, a in enumerate(patients) for b in patients[i + 1:])
+
+
+def test_split_falls_back_to_study_when_patient_id_is_empty(scanned):
+    index = scanned[0].index.assign(patient_id="")
+    train, val = rdata.split_by_patient(index, val_fraction=0.25, seed=1)
+    assert set(train["study_id"]).isdisjoint(val["study_id"])
+
+
+def test_balance_ratio_and_redraw_per_epoch(scanned):
+    index = scanned[0].index
+    pos, neg = int((index["any"] == 1).sum()), int((index["any"] == 0).sum())
+    assert 0 < pos < neg
+    e1 = rdata.balance(index, epoch=1, seed=0, neg_ratio=1.0)
+    assert (e1["any"] == 1).sum() == pos and (e1["any"] == 0).sum() == min(neg, pos)
+    e2 = rdata.balance(index, epoch=2, seed=0, neg_ratio=1.0)
+    assert set(e1.index) != set(e2.index)  # other negatives next epoch
+    assert list(rdata.balance(index, epoch=1, seed=0).index) == list(e1.index)  # same (seed, epoch), same draw
+    half = rdata.balance(index, epoch=1, seed=0, neg_ratio=0.5)
+    assert (half["any"] == 0).sum() == round(0.5 * pos)
+
+
+def test_image_dataset_equals_direct_decoding(scanned):
+    found = scanned[0]
+    rows = found.index.iloc[:6]
+    got = {r["image_id"]: r for r in rdata.image_dataset(rows, found, size=SIZE).take_all()}
+    assert set(got) == set(rows.index)
+    windows = parse_windows("brain,subdural,soft_tissue")
+    for image_id, row in rows.iterrows():
+        hu, _ = read_dicom(row["path"])
+        expected = window_stack(hu, windows, SIZE)  # the core's own definition, applied to full HU
+        assert got[image_id]["image"].shape == (3, SIZE, SIZE) and got[image_id]["image"].dtype == np.uint8
+        assert np.abs(got[image_id]["image"].astype(int) - expected).max() <= 1
+        assert np.array_equal(got[image_id]["label"], row[list(LABELS)].to_numpy(np.float32))
+
+
+def test_augmentation_is_reproducible_keeps_shape_and_range(scanned):
+    found = scanned[0]
+    rows = found.index.iloc[:8]
+    cfg = AugmentConfig(hflip=1.0, vflip=0.0, rotate=1.0, salt_pepper=1.0, salt_pepper_amount=0.02, affine=0.5,
+                        elastic=0.5)
+    plain = {r["image_id"]: r["image"] for r in rdata.image_dataset(rows, found, size=SIZE).take_all()}
+
+    def run(epoch):
+        ds = rdata.augment_dataset(rdata.image_dataset(rows, found, size=SIZE), cfg, seed=0, epoch=epoch)
+        return {r["image_id"]: r["image"] for r in ds.take_all()}
+
+    a, b, c = run(1), run(1), run(2)
+    for image_id, image in a.items():
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
+        assert np.array_equal(image, b[image_id])  # same (seed, epoch): same pixels
+        assert not np.array_equal(image, plain[image_id])
+    assert any(not np.array_equal(a[i], c[i]) for i in a)  # another epoch: other draws
+    # Salt and pepper writes the extremes of uint8's own range: 2% of pixels at 0 or 255 at least.
+    image = a[rows.index[0]]
+    assert ((image == 0) | (image == 255)).mean() >= 0.02
+
+
+def test_salt_and_pepper_only_writes_range_extremes():
+    import numpy as np
+
+    aug = rdata.build_augment(AugmentConfig(hflip=0, vflip=0, rotate=0, affine=0, elastic=0, salt_pepper=1.0,
+                                            salt_pepper_amount=0.05))
+    aug.set_random_seed(0)
+    image = np.full((64, 64, 3), 100, np.uint8)
+    out = aug(image=image)["image"]
+    changed = out[out != 100]
+    assert changed.size > 0 and set(np.unique(changed)) <= {0, 255}
+
+
+def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, tmp_path):
+    out, frame = phantom
+    found = scanned[0]
+    stats = rdata.prepare(str(out / "dicoms"), tmp_path / "cache", labels=str(out / "labels.csv"), size=SIZE,
+                          max_error_fraction=0.05)
+    assert stats["images"] == len(found.index) and stats["errors"] == 1
+    assert stats["cache_bytes_per_image"] < stats["dicom_bytes_per_image"]
+    assert rdata.is_cache(str(tmp_path / "cache"))
+    cached = rdata.scan(str(tmp_path / "cache"), str(tmp_path / "cache" / "labels.csv"), max_error_fraction=0.05)
+    assert cached.source == "cache"
+    assert sorted(cached.index.index) == sorted(found.index.index)
+    assert list(cached.errors["image_id"]) == list(found.errors["image_id"])
+    rows = found.index.iloc[:10]
+    direct = {r["image_id"]: r["image"] for r in rdata.image_dataset(rows, found, size=SIZE).take_all()}
+    from_cache = {r["image_id"]: r for r in rdata.image_dataset(rows, cached, size=SIZE).take_all()}
+    assert set(from_cache) == set(direct)
+    for image_id, image in direct.items():
+        assert np.array_equal(from_cache[image_id]["image"], image)
+    with pytest.raises(rdata.DataError, match="cache holds"):
+        rdata.image_dataset(rows, cached, size=SIZE + 32)
