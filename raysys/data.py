@@ -107,9 +107,7 @@ def _decode_rows(batch: dict, windows: tuple[Window, ...] | None, size: int, str
 
 
 def _read_dicoms(paths: str | list[str], decode_cpus: float) -> ray.data.Dataset:
-    return ray.data.read_binary_files(
-        paths, include_paths=True, file_extensions=["dcm"], ray_remote_args={"num_cpus": decode_cpus}
-    )
+    return ray.data.read_binary_files(paths, include_paths=True, file_extensions=["dcm"], num_cpus=decode_cpus)
 
 
 def _decoded(paths, windows, size, decode_cpus, strict) -> ray.data.Dataset:
@@ -141,12 +139,12 @@ def scan(
     Errors go to `run_dir/errors.csv` and one summary log line.
     """
     if is_cache(data):
-        frame = ray.data.read_parquet(data, columns=[*META_COLUMNS, "error"]).to_pandas()
+        frame = ray.data.read_parquet(data, columns=[*META_COLUMNS, "error"], num_cpus=decode_cpus).to_pandas()
         source = "cache"
     else:
         frame = (
             _decoded(data, None, 0, decode_cpus, strict=False)
-            .select_columns([*META_COLUMNS, "error"])
+            .select_columns([*META_COLUMNS, "error"], num_cpus=decode_cpus)
             .to_pandas()
         )
         source = "dicom"
@@ -256,6 +254,21 @@ def balance(train: pd.DataFrame, *, epoch: int, seed: int = 0, neg_ratio: float 
     return rows.iloc[rng.permutation(len(rows))]
 
 
+def balance_logit_offset(train: pd.DataFrame, neg_ratio: float = 1.0) -> np.ndarray:
+    """Per-label logit shift from balanced-epoch odds back to the training set's own odds, shape (6,).
+
+    balance() keeps every positive (each subtype implies `any`) and n' - P of the
+    N - P negatives, so a label with c positives has odds c / (n' - c) in an epoch
+    and c / (N - c) overall: the model's logits are high by log((N - c) / (n' - c)).
+    """
+    n, n_pos = len(train), int((train["any"] == 1).sum())
+    n_epoch = n_pos + (min(n - n_pos, round(neg_ratio * n_pos)) if n_pos else n - n_pos)
+    counts = train[list(LABELS)].clip(lower=0).sum().to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.log((n_epoch - counts) / (n - counts))
+    return np.where(np.isfinite(offset), offset, 0.0).astype(np.float32)
+
+
 # --- image datasets ----------------------------------------------------------------------
 
 
@@ -296,7 +309,7 @@ def image_dataset(
     if is_cache(data):
         _check_cache(data, windows, size)
         keep = set(index["image_id"])  # error rows are never in an index, so they drop out here too
-        ds = ray.data.read_parquet(data, columns=["image_id", "image"])
+        ds = ray.data.read_parquet(data, columns=["image_id", "image"], num_cpus=decode_cpus)
     else:
         ds = _decoded(list(index["path"]), windows, size, decode_cpus, strict=True)
     return ds.map_batches(
@@ -385,7 +398,7 @@ def prepare(
     out = Path(out)
     if labels:
         read_labels(labels)  # fail early on a bad CSV, before hours of decoding
-    _decoded(data, windows, size, decode_cpus, strict=False).write_parquet(str(out))
+    _decoded(data, windows, size, decode_cpus, strict=False).write_parquet(str(out), ray_remote_args={"num_cpus": decode_cpus})
     frame = pd.read_parquet(out, columns=["image_id", "path", "error"]).astype(str)
     dicom_bytes = _total_size(frame["path"])
     cache_bytes = sum(f.stat().st_size for f in out.glob("*.parquet"))

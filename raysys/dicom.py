@@ -27,11 +27,16 @@ class DicomDecodeError(ValueError):
     """A DICOM file that cannot become a CT image; the message names the file and why."""
 
 
+class UnsupportedImageError(DicomDecodeError):
+    """A readable DICOM that is not a single-frame monochrome image (multi-frame, colour, ...)."""
+
+
 @dataclass(frozen=True)
 class DicomMeta:
     """Header fields raysys uses. PatientID is kept only for splitting; never log it."""
 
     image_id: str  # SOPInstanceUID, e.g. "ID_000000e27"
+    modality: str  # "CT" for every file raysys is meant for; "" when absent
     patient_id: str
     study_id: str
     series_id: str
@@ -99,6 +104,7 @@ def decode(source: bytes | str | Path, name: str | None = None) -> DicomSlice:
 _WANTED = {
     0x00020010: ("TransferSyntaxUID", "str"),
     0x00080018: ("SOPInstanceUID", "str"),
+    0x00080060: ("Modality", "str"),
     0x00100020: ("PatientID", "str"),
     0x0020000D: ("StudyInstanceUID", "str"),
     0x0020000E: ("SeriesInstanceUID", "str"),
@@ -212,11 +218,11 @@ def _pixels(header: dict, label: str) -> tuple[np.ndarray, float, float, bool]:
         raise DicomDecodeError(f"{label}: no PixelData element")
     frames = _ints(header.get("NumberOfFrames"), default=1)
     if frames != 1:
-        raise DicomDecodeError(f"{label}: multi-frame image ({frames} frames); raysys reads single CT slices")
+        raise UnsupportedImageError(f"{label}: multi-frame image ({frames} frames); raysys reads single CT slices")
     samples = header.get("SamplesPerPixel", 1)
     photometric = header.get("PhotometricInterpretation", "MONOCHROME2")
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomDecodeError(
+        raise UnsupportedImageError(
             f"{label}: not a monochrome image (PhotometricInterpretation {photometric}, SamplesPerPixel {samples})"
         )
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in header]
@@ -325,6 +331,7 @@ def _meta(header: dict, fixed: bool) -> DicomMeta:
     center, width = _float_list(header.get("WindowCenter")), _float_list(header.get("WindowWidth"))
     return DicomMeta(
         image_id=header.get("SOPInstanceUID", ""),
+        modality=header.get("Modality", ""),
         patient_id=header.get("PatientID", ""),
         study_id=header.get("StudyInstanceUID", ""),
         series_id=header.get("SeriesInstanceUID", ""),

@@ -32,7 +32,31 @@ class InputContract:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: bool = False) -> nn.Module:
+class HemorrhageNet(nn.Module):
+    """InceptionV3 plus a per-label logit offset that undoes training-time class balancing.
+
+    Training sees negatives undersampled, which inflates every label's odds by a
+    known factor; `logit_offset` (set by train.py, saved in the checkpoint) removes
+    it in eval mode, so predicted probabilities match the real prevalence. Train
+    mode returns the raw logits (InceptionOutputs when the aux head is on).
+    """
+
+    def __init__(self, net: nn.Module, contract: InputContract):
+        super().__init__()
+        self.net = net
+        self.contract = contract
+        self.register_buffer("logit_offset", torch.zeros(len(LABELS)))
+
+    @property
+    def aux_logits(self) -> bool:
+        return bool(self.net.aux_logits)
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        return out if self.training else out + self.logit_offset
+
+
+def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: bool = False) -> HemorrhageNet:
     """torchvision inception_v3 with len(LABELS) sigmoid outputs (logits here; sigmoid at inference).
 
     weights: "none" (random init), "imagenet" (torchvision download), a local ImageNet
@@ -54,8 +78,7 @@ def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: boo
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, len(LABELS))
     else:
         model.aux_logits, model.AuxLogits = False, None
-    model.contract = InputContract(size=image_size)
-    return model
+    return HemorrhageNet(model, InputContract(size=image_size))
 
 
 def _download_imagenet() -> dict:
@@ -78,8 +101,8 @@ def _load_local(model: nn.Module, path: Path) -> None:
         raise FileNotFoundError(f"weights {path}: no such file (expected a state dict or a checkpoint directory)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits.fc."))}
+    state = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
+    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits.fc.", "logit_offset"))}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     missing = [k for k in missing if not k.startswith(("fc.", "AuxLogits."))]
     if missing or unexpected:
@@ -114,6 +137,7 @@ def save_checkpoint(
     metrics: dict,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
+    extra_meta: dict | None = None,
 ) -> Path:
     """Write model.pt, meta.json and config.yaml into `directory` (created if needed)."""
     import yaml
@@ -135,9 +159,11 @@ def save_checkpoint(
         "windows": config["data"]["windows"],
         "image_size": plain.contract.size,
         "contract": asdict(plain.contract),
-        "aux_logits": bool(plain.aux_logits),
+        "aux_logits": plain.aux_logits,
+        "logit_offset": plain.logit_offset.tolist(),
         "epoch": epoch,
         "metrics": metrics,
+        **(extra_meta or {}),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     with open(directory / CONFIG_FILE, "w") as f:

@@ -55,3 +55,62 @@ def curves(path: str | Path, history, score: str = "val_weighted_log_loss") -> P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def sweep_plot(path: str | Path, trials, score: str = "val_weighted_log_loss") -> Path:
+    """Best validation score of each trial against its learning rate, coloured by decay."""
+    column = "best_" + score
+    done = trials[trials[column].notna()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = ax.scatter(done["lr"], done[column], c=done["decay"], cmap="viridis", s=60, edgecolors="k")
+    for _, row in done[done["stopped_early"]].iterrows():
+        ax.annotate("stopped", (row["lr"], row[column]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"best validation {score.removeprefix('val_')}")
+    fig.colorbar(points, ax=ax, label="per-epoch lr decay")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def roc_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray) -> Path:
+    """One ROC curve per label (labels with a single class in y_true are skipped)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for j, name in enumerate(LABELS):
+        if 0 < y_true[:, j].sum() < len(y_true):
+            fpr, tpr, _ = roc_curve(y_true[:, j], y_pred[:, j])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true[:, j], y_pred[:, j]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def calibration_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray, bins: int = 10) -> Path:
+    """Mean predicted probability vs observed frequency in equal-width bins, per label."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    edges = np.linspace(0, 1, bins + 1)
+    for j, name in enumerate(LABELS):
+        which = np.clip(np.digitize(y_pred[:, j], edges) - 1, 0, bins - 1)
+        used = [b for b in range(bins) if (which == b).any()]
+        if y_true[:, j].sum() == 0 or not used:
+            continue
+        ax.plot([y_pred[which == b, j].mean() for b in used], [y_true[which == b, j].mean() for b in used], "o-",
+                ms=3, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

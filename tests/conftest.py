@@ -12,6 +12,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1_500_000_000)
+    # The dashboard stays on: Train V2 cleans up the placement groups of stopped runs through the state API.
+    ray.init(num_cpus=2, log_to_driver=False, object_store_memory=1_500_000_000)
     yield ray
     ray.shutdown()

@@ -99,6 +99,20 @@ def test_balance_ratio_and_redraw_per_epoch(scanned):
     assert (half["any"] == 0).sum() == round(0.5 * pos)
 
 
+def test_balance_logit_offset_matches_the_odds_of_balanced_epochs(scanned):
+    index = scanned[0].index
+    offset = rdata.balance_logit_offset(index, neg_ratio=1.0)
+    # Independently: the prevalence actually seen in balanced epochs vs in the whole training set.
+    epochs = pd.concat([rdata.balance(index, epoch=e, seed=0) for e in range(20)])
+    logit = lambda p: np.log(p / (1 - p))
+    for j, name in enumerate(LABELS):
+        overall, seen = index[name].mean(), epochs[name].mean()
+        if 0 < overall < 1:
+            assert offset[j] == pytest.approx(logit(overall) - logit(seen), abs=1e-6)
+        else:
+            assert np.isfinite(offset[j])
+
+
 def test_image_dataset_equals_direct_decoding(scanned):
     found = scanned[0]
     rows = found.index.iloc[:6]

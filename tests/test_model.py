@@ -28,6 +28,23 @@ def test_model_outputs_six_logits_and_declares_its_contract():
     assert model.contract.size == SIZE and model.contract.channels == 3
 
 
+def test_logit_offset_applies_in_eval_mode_only():
+    torch.manual_seed(0)
+    model = build_model("none", image_size=SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model.eval()
+    with torch.inference_mode():
+        raw = model(x)
+        model.logit_offset.copy_(torch.arange(6.0))
+        shifted = model(x)
+    assert torch.allclose(shifted - raw, torch.arange(6.0).expand(2, 6), atol=1e-5)
+    model.train()  # dropout is random in train mode: same seed, same draw
+    torch.manual_seed(1)
+    raw_train = model.net(x)
+    torch.manual_seed(1)
+    assert torch.allclose(model(x), raw_train)
+
+
 def test_size_limits_and_aux_head():
     with pytest.raises(ValueError, match=">= 75"):
         build_model("none", image_size=64)
@@ -49,8 +66,11 @@ def test_local_state_dict_weights_load(tmp_path):
     torch.manual_seed(1)
     source = build_model("none", image_size=SIZE)
     torch.save(source.state_dict(), tmp_path / "w.pth")
+    torch.save(source.net.state_dict(), tmp_path / "torchvision-style.pth")  # keys without the wrapper's "net."
     model = build_model(str(tmp_path / "w.pth"), image_size=SIZE)
-    for name in ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch1x1.conv.weight"):
+    plain = build_model(str(tmp_path / "torchvision-style.pth"), image_size=SIZE)
+    for name in ("net.Conv2d_1a_3x3.conv.weight", "net.Mixed_7c.branch1x1.conv.weight"):
+        assert torch.equal(dict(plain.named_parameters())[name], dict(source.named_parameters())[name])
         assert torch.equal(dict(model.named_parameters())[name], dict(source.named_parameters())[name])
     with pytest.raises(FileNotFoundError):
         build_model(str(tmp_path / "nope.pth"), image_size=SIZE)

@@ -1,0 +1,189 @@
+"""Ray Serve: an HTTP endpoint that scores CT slices with a checkpoint; build_app(checkpoint).
+
+POST /v1/predict  DICOM as the raw body (Content-Type: application/dicom) or multipart file(s)
+GET  /v1/model    labels, windows, image size and validation metrics of the checkpoint
+GET  /healthz     200 once the model is loaded
+
+Preprocessing is the checkpoint's own (windows, size, label order from meta.json,
+through the same presets as training). Responses and logs carry the image id
+(SOPInstanceUID) only, never PatientName, PatientID or dates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+log = logging.getLogger("raysys.serve")
+
+TOKEN_ENV = "RAYSYS_API_TOKEN"  # when set, requests need `Authorization: Bearer <token>`
+DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
+
+api = FastAPI(title="raysys", description="Intracranial hemorrhage probabilities for head-CT DICOM slices")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
+class HemorrhageService:
+    def __init__(self, checkpoint: str, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
+                 max_body_bytes: int = DEFAULT_MAX_BODY):
+        import torch
+
+        from raysys.model import load_checkpoint
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_checkpoint(checkpoint, self.device)
+        self.model, self.meta = loaded.model, loaded.meta
+        self.windows, self.size = self.meta["windows"], self.meta["image_size"]
+        self.model_info = {"checkpoint": Path(checkpoint).name, "epoch": self.meta["epoch"],
+                           "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
+        self.max_body_bytes = max_body_bytes
+        self.token = os.environ.get(TOKEN_ENV) or None
+        self.infer.set_max_batch_size(max_batch_size)
+        self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Micro-batched forward pass: requests arriving within the wait share one batch."""
+        from raysys.predict import infer
+
+        return list(infer(self.model, np.stack(images), self.device))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "device": self.device.type}
+
+    @api.get("/v1/model")
+    async def model(self, request: Request):
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        return {"labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
+                "contract": self.meta["contract"], "model": self.model_info,
+                "metrics": {k: v for k, v in self.meta["metrics"].items() if k != "history"}}
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request):
+        start = time.perf_counter()
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        try:
+            bodies = await self._bodies(request)
+            images, ids = [], []
+            for name, body in bodies:
+                image, image_id = self._preprocess(body, name)
+                images.append(image)
+                ids.append(image_id)
+        except RequestError as e:
+            log.info("predict rejected: %s %s", e.status, e.message)
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        probabilities = await asyncio.gather(*(self.infer(image) for image in images))
+        latency = (time.perf_counter() - start) * 1000
+        results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
+                    "model": self.model_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]
+        return results[0] if len(results) == 1 and not _is_multipart(request) else {"results": results}
+
+    def _authorize(self, request: Request):
+        if self.token is None:
+            return None
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self.token.encode()):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _bodies(self, request: Request) -> list[tuple[str, bytes]]:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise RequestError(413, f"body of {int(declared)} bytes is over the {self.max_body_bytes}-byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise RequestError(413, f"body is over the {self.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if _is_multipart(request):
+            return await _multipart_files(request, body)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/dicom", "application/octet-stream"):
+            raise RequestError(415, f"send the DICOM as application/dicom or multipart/form-data, not {kind or 'nothing'}")
+        if not body:
+            raise RequestError(400, "empty body")
+        return [("body", body)]
+
+    def _preprocess(self, body: bytes, name: str) -> tuple[np.ndarray, str]:
+        from raysys.dicom import DicomDecodeError, UnsupportedImageError
+        from raysys.presets import dicom_to_image
+
+        try:
+            image, meta = dicom_to_image(body, self.windows, self.size, name=name)
+        except UnsupportedImageError as e:
+            raise RequestError(422, str(e)) from None
+        except DicomDecodeError as e:
+            raise RequestError(400, str(e)) from None
+        if meta.modality not in ("CT", ""):
+            raise RequestError(422, f"{meta.image_id or name}: not a CT image (Modality {meta.modality})")
+        return image, meta.image_id
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+    """Files of a multipart body (already size-checked); the body is replayed into Starlette's parser."""
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, receive).form()
+    except Exception as e:
+        raise RequestError(400, f"unreadable multipart body ({e})") from None
+    files = [(value.filename or key, await value.read()) for key, value in form.multi_items() if hasattr(value, "read")]
+    if not files:
+        raise RequestError(400, "multipart body has no file parts")
+    return files
+
+
+def build_app(checkpoint: str, *, replicas: int = 1, gpus_per_replica: float = 0.0, max_batch_size: int = 16,
+              batch_wait_ms: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY):
+    """The Serve application for a checkpoint directory (local path; nothing heavy happens here)."""
+    from raysys.model import read_meta
+
+    read_meta(checkpoint)  # fail now, with a clear message, if it is not a checkpoint
+    actor = {"num_cpus": 1, "num_gpus": gpus_per_replica}
+    if os.environ.get(TOKEN_ENV):  # the replicas read the token from their own environment
+        actor["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
+    options = {"num_replicas": replicas, "ray_actor_options": actor}
+    return HemorrhageService.options(**options).bind(
+        str(Path(checkpoint).resolve()), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+        max_body_bytes=max_body_bytes)
+
+
+def app(args: dict):
+    """Application builder for `serve run raysys.serve:app checkpoint=DIR` and serve config files."""
+    known = {"checkpoint", "max_batch_size", "batch_wait_ms", "max_body_bytes"}
+    unknown = set(args) - known
+    if unknown or "checkpoint" not in args:
+        raise ValueError(f"raysys.serve:app needs checkpoint=DIR (optional {sorted(known - {'checkpoint'})}); "
+                         f"unknown {sorted(unknown)}")
+    kwargs = {k: (float(v) if k == "batch_wait_ms" else int(v)) for k, v in args.items() if k != "checkpoint"}
+    return build_app(args["checkpoint"], **kwargs)

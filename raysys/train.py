@@ -1,0 +1,255 @@
+"""Ray Train: data-parallel InceptionV3 (TorchTrainer, Train V2), checkpoints, resume; fit(cfg)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from raysys import data as rdata
+from raysys.config import Config, from_dict, save_config
+from raysys.engine import WeightedBCE, evaluate, train_one_epoch, use_amp
+from raysys.labels import LABELS
+from raysys.model import build_model, save_checkpoint, unwrap
+
+log = logging.getLogger(__name__)
+
+SCORE = "val_weighted_log_loss"  # checkpoints and Tune rank by it; lower is better
+FAIL_ENV = "RAYSYS_TEST_FAIL_AFTER_EPOCH"  # test-only: kill the worker group once after this epoch
+
+
+@dataclass(frozen=True)
+class FitResult:
+    run_dir: Path  # local folder with metrics.csv, curves.png, config.yaml, errors.csv
+    best_checkpoint: str  # directory of the checkpoint with the lowest validation score
+    best_metrics: dict
+    history: pd.DataFrame  # one row per epoch
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """Where reports go: the run folder itself for local storage, ./runs/<name> for object storage."""
+    base = cfg.train.storage_path
+    return (Path("runs") if "://" in base else Path(base).resolve()) / cfg.train.name
+
+
+@dataclass(frozen=True)
+class Split:
+    """The scanned data and its patient split: computed once, shared by every trial of a sweep."""
+
+    source: rdata.Scan
+    train: pd.DataFrame
+    val: pd.DataFrame
+
+    def save(self, run_dir: Path) -> None:
+        """split.csv (image, patient, side, labels) and errors.csv in the run directory."""
+        frame = pd.concat([self.train.assign(split="train"), self.val.assign(split="val")])
+        frame[["image_id", "patient_id", "split", *LABELS]].to_csv(run_dir / "split.csv", index=False)
+        self.source.errors.to_csv(run_dir / "errors.csv", index=False)
+
+
+def load_split(cfg: Config, run_dir: Path | None = None) -> Split:
+    """Scan the data (errors.csv, max_error_fraction gate) and split it by patient."""
+    d = cfg.data
+    if not d.labels:
+        raise ValueError("training needs --labels (the RSNA ID,Label CSV)")
+    found = rdata.scan(d.data, d.labels, training=True, max_error_fraction=d.max_error_fraction,
+                       run_dir=run_dir, decode_cpus=d.decode_cpus)
+    train, val = rdata.split_by_patient(found.index, val_fraction=d.val_fraction, seed=d.seed, folds=d.folds,
+                                        fold=d.fold)
+    if train["any"].sum() == 0 or len(val) == 0:
+        raise rdata.DataError(f"{d.data}: the split left no positive training images or no validation images")
+    log.info("data: %d images, %d train / %d validation (patient split), %d unreadable files",
+             len(found.index), len(train), len(val), len(found.errors))
+    return Split(found, train, val)
+
+
+def fit(cfg: Config, split: Split | None = None, callbacks: list | None = None) -> FitResult:
+    """Scan and split the data (unless given), then train with TorchTrainer; the same name resumes."""
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    split = split or load_split(cfg, run_dir)
+    split.save(run_dir)
+    result = build_trainer(cfg, split, callbacks).fit()
+    return finish(run_dir, result)
+
+
+def build_datasets(cfg: Config, split: Split) -> dict:
+    """{"val": ..., "train_1": ..., "train_E": ...}: one lazy dataset per epoch, balanced with (seed, epoch).
+
+    Nothing is decoded here; each epoch's dataset streams when its workers iterate it.
+    """
+    d = cfg.data
+    kwargs = {"windows": d.windows, "size": d.image_size, "decode_cpus": d.decode_cpus}
+    columns = {"cols": ["image", "label"], "num_cpus": d.decode_cpus}  # every op fractional, or 2 cores starve
+    datasets = {"val": rdata.image_dataset(split.val, split.source, **kwargs).select_columns(**columns)}
+    for epoch in range(1, cfg.train.epochs + 1):
+        rows = rdata.balance(split.train, epoch=epoch, seed=d.seed, neg_ratio=d.neg_ratio)
+        ds = rdata.image_dataset(rows, split.source, **kwargs)
+        ds = rdata.augment_dataset(ds, cfg.augment, seed=d.seed, epoch=epoch, decode_cpus=d.decode_cpus)
+        datasets[f"train_{epoch}"] = ds.select_columns(**columns)
+    return datasets
+
+
+def build_trainer(cfg: Config, split: Split, callbacks: list | None = None) -> TorchTrainer:
+    t = cfg.train
+    datasets = build_datasets(cfg, split)
+    use_gpu = t.gpus_per_worker > 0
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "logit_offset": rdata.balance_logit_offset(split.train, cfg.data.neg_ratio).tolist(),
+            "label_prior": split.train[list(LABELS)].mean().tolist(),  # fills images predict cannot read
+            "fail": os.environ.get(FAIL_ENV, ""),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=t.name,
+            storage_path=t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # Every worker trains on its own part of each epoch; validation is read whole by rank 0.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
+    )
+
+
+# --- the worker loop (glue only: the work is in engine.py) ----------------------------------
+
+
+def train_loop(config: dict) -> None:
+    cfg = from_dict(config["cfg"])
+    t, rank = cfg.train, ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    model = build_model(cfg.model.weights, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits)
+    model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.decay)  # lr x decay^epoch
+    start, history = _resume(model, optimizer, scheduler)
+    first = start  # where this attempt of the worker group began (> 1 after a resume)
+    amp, loss_fn = use_amp(t.amp, device), WeightedBCE().to(device)
+    dtypes = {"image": torch.uint8, "label": torch.float32}
+    if rank == 0 and start > 1:
+        print(f"[train] resuming at epoch {start} of {t.epochs}", flush=True)
+    epoch_seconds = []
+    for epoch in range(start, t.epochs + 1):
+        began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_torch_batches(
+            batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2)
+        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp,
+                                aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
+        scheduler.step()
+        stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
+        val = _validate(model, device, amp, t.batch_size, dtypes) if rank == 0 else None
+        val = _broadcast(val)
+        epoch_seconds.append(time.perf_counter() - began)
+        metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),
+                   "epoch_seconds": epoch_seconds[-1]}
+        history.append(metrics)
+        if rank == 0:
+            eta = (t.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+            print(f"[train] epoch {epoch}/{t.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
+                  f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_images_per_s']:.1f} img/s/worker  "
+                  f"epoch {epoch_seconds[-1]:.0f}s  ETA {eta:.0f}s", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, model, config=cfg.to_dict(), epoch=epoch, metrics={**metrics, "history": history},
+                                optimizer=optimizer, scheduler=scheduler,
+                                extra_meta={"label_prior": config["label_prior"]})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        _maybe_fail(config["fail"], epoch, rank)
+
+
+def _resume(model, optimizer, scheduler) -> tuple[int, list]:
+    """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, [])."""
+    import json
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((Path(d) / "meta.json").read_text())
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, meta["metrics"].get("history", [])
+
+
+def _validate(model, device, amp, batch_size, dtypes) -> dict:
+    batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device)
+    return evaluate(unwrap(model), batches, device, amp=amp)  # the plain module: no DDP collectives on one rank
+
+
+def _flatten(val: dict) -> dict:
+    out = {k: v for k, v in val.items() if not isinstance(v, dict)}
+    for name in LABELS:
+        out[f"val_log_loss_{name}"] = val["val_per_class_log_loss"][name]
+        out[f"val_auc_{name}"] = val["val_per_class_auc"][name]
+    return out
+
+
+def _mean_across_workers(value: float, device) -> float:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item() / torch.distributed.get_world_size())
+
+
+def _broadcast(obj):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _maybe_fail(spec: str, epoch: int, rank: int) -> None:
+    """Test-only failure injection: `RAYSYS_TEST_FAIL_AFTER_EPOCH=N:/path/marker` in the driver's
+    environment fails the worker group once, after epoch N's checkpoint."""
+    if not spec or rank != 0:
+        return
+    after, _, marker = spec.partition(":")
+    if epoch == int(after) and not os.path.exists(marker):
+        Path(marker).write_text(str(epoch))
+        raise RuntimeError(f"injected failure after epoch {epoch} ({FAIL_ENV})")
+
+
+# --- after fit: reports on the driver --------------------------------------------------------
+
+
+def finish(run_dir: Path, result) -> FitResult:
+    """metrics.csv and curves.png from the latest checkpoint's history; the best checkpoint's path."""
+    import json
+
+    from raysys.report import curves
+
+    if result.error:
+        raise result.error
+    ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+    best, best_metrics = ranked[0]
+    with result.checkpoint.as_directory() as d:
+        history = pd.DataFrame(json.loads((Path(d) / "meta.json").read_text())["metrics"]["history"])
+    history.to_csv(run_dir / "metrics.csv", index=False)
+    curves(run_dir / "curves.png", history, score=SCORE)
+    return FitResult(run_dir=run_dir, best_checkpoint=best.path, best_metrics=best_metrics, history=history)

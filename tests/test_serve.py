@@ -1,0 +1,176 @@
+"""Ray Serve on a real local Ray: real HTTP requests to 127.0.0.1, good and bad input, the token check."""
+
+import io
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import torch
+from pydicom.data import get_testdata_file
+
+from raysys.config import Config
+from raysys.labels import LABELS
+from raysys.model import build_model, save_checkpoint
+from raysys.phantom import PhantomConfig, write_dataset
+from raysys.predict import infer
+from raysys.presets import dicom_to_image
+from raysys.serve import TOKEN_ENV, build_app
+
+SIZE = 80
+RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("none", image_size=SIZE)
+    model.logit_offset.copy_(torch.linspace(-1, 0.5, 6))
+    cfg = Config().replace(**{"data.image_size": SIZE})
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "best", model, config=cfg.to_dict(), epoch=2,
+                           metrics={"val_weighted_log_loss": 0.123})
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-phantom")
+    frame = write_dataset(out, PhantomConfig(studies=1, slices_per_study=4, size=128, seed=9))
+    return sorted(Path(p) for p in frame["path"])
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoint, request):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    mp = pytest.MonkeyPatch()
+    mp.setenv(TOKEN_ENV, "s3cret")  # read by build_app and handed to the replicas
+    serve.run(build_app(str(checkpoint), max_batch_size=4, max_body_bytes=1_000_000), name="raysys",
+              route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield url
+    mp.undo()
+    serve.shutdown()
+
+
+AUTH = {"Authorization": "Bearer s3cret", "Content-Type": "application/dicom"}
+
+
+def _expected(checkpoint, body: bytes) -> np.ndarray:
+    from raysys.model import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    image, _ = dicom_to_image(body, loaded.meta["windows"], loaded.meta["image_size"])
+    return infer(loaded.model, image[None], torch.device("cpu"))[0]
+
+
+def _post(url, body, headers=AUTH):
+    return requests.post(f"{url}/v1/predict", data=body, headers=headers, timeout=60)
+
+
+def test_phantom_dicom_gets_six_probabilities_equal_to_the_model(server, checkpoint, phantom):
+    body = phantom[0].read_bytes()
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["image_id"] == pydicom.dcmread(phantom[0]).SOPInstanceUID
+    assert list(out["probabilities"]) == list(LABELS)
+    got = np.array([out["probabilities"][n] for n in LABELS])
+    assert ((got >= 0) & (got <= 1)).all()
+    assert np.allclose(got, _expected(checkpoint, body), atol=1e-5)
+    assert out["model"]["val_weighted_log_loss"] == 0.123 and out["latency_ms"] > 0
+    # Patient data never comes back.
+    assert "PatientID" not in r.text and pydicom.dcmread(phantom[0]).PatientID not in r.text
+
+
+def test_multipart_with_several_files(server, checkpoint, phantom):
+    files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in phantom[:3]]
+    r = requests.post(f"{server}/v1/predict", files=files, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image_id"] for x in results] == [pydicom.dcmread(p).SOPInstanceUID for p in phantom[:3]]
+    for x, p in zip(results, phantom[:3]):
+        assert np.allclose([x["probabilities"][n] for n in LABELS], _expected(checkpoint, p.read_bytes()), atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_all_succeed(server, phantom):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [p.read_bytes() for p in phantom] * 4
+    with ThreadPoolExecutor(8) as pool:
+        codes = [r.status_code for r in pool.map(lambda b: _post(server, b), bodies)]
+    assert codes == [200] * len(bodies)
+
+
+def test_real_rsna_file(server, checkpoint):
+    path = sorted(RSNA_SAMPLE.glob("*.dcm"))[0]
+    r = _post(server, path.read_bytes())
+    assert r.status_code == 200, r.text
+    assert r.json()["image_id"] == path.stem
+    got = np.array([r.json()["probabilities"][n] for n in LABELS])
+    assert np.allclose(got, _expected(checkpoint, path.read_bytes()), atol=1e-5)
+
+
+def _mr_bytes() -> bytes:
+    return Path(get_testdata_file("MR_small.dcm")).read_bytes()
+
+
+def _multiframe_bytes(phantom) -> bytes:
+    ds = pydicom.dcmread(phantom[0])
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, status",
+    [
+        (lambda ph: b"definitely not a dicom file" * 10, 400),
+        (lambda ph: ph[1].read_bytes()[:-5000], 400),  # truncated pixel data
+        (lambda ph: _mr_bytes(), 422),  # a valid DICOM, but MR
+        (lambda ph: _multiframe_bytes(ph), 422),
+        (lambda ph: b"\0" * 1_100_000, 413),  # over the 1,000,000-byte limit set above
+    ],
+    ids=["garbage", "truncated", "mr", "multiframe", "oversized"],
+)
+def test_bad_input_gets_a_json_error_and_the_replica_keeps_serving(server, phantom, make, status):
+    r = _post(server, make(phantom))
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+    assert _post(server, phantom[2].read_bytes()).status_code == 200  # same replica, next request fine
+
+
+def test_token_is_required_when_configured(server, phantom):
+    body = phantom[0].read_bytes()
+    assert _post(server, body, {"Content-Type": "application/dicom"}).status_code == 401
+    assert _post(server, body, {"Content-Type": "application/dicom", "Authorization": "Bearer nope"}).status_code == 401
+    assert requests.get(f"{server}/v1/model", timeout=10).status_code == 401
+
+
+def test_model_info_and_health(server):
+    r = requests.get(f"{server}/v1/model", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["labels"] == list(LABELS) and info["image_size"] == SIZE
+    assert info["windows"] == "brain,subdural,soft_tissue"
+    assert requests.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"

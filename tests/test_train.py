@@ -1,0 +1,74 @@
+"""Ray Train on a real local Ray: 2 CPU workers (gloo), tiny phantom data, checkpoints and resume."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysys import data as rdata
+from raysys.config import Config
+from raysys.engine import predict
+from raysys.labels import LABELS
+from raysys.metrics import weighted_log_loss
+from raysys.model import load_checkpoint
+from raysys.phantom import PhantomConfig, write_dataset
+from raysys.train import FAIL_ENV, SCORE, fit
+
+SIZE = 80
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-phantom")
+    write_dataset(out, PhantomConfig(studies=6, slices_per_study=(6, 8), size=96, seed=5,
+                                     prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
+                                                 "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4}))
+    return out
+
+
+def _cfg(phantom, tmp_path, epochs):
+    return Config().replace(**{
+        "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"),
+        "data.image_size": SIZE, "data.val_fraction": 0.3, "data.seed": 1,
+        "model.weights": "none",
+        "train.epochs": epochs, "train.batch_size": 4, "train.workers": 2, "train.lr": 1e-3, "train.decay": 0.5,
+        "train.storage_path": str(tmp_path / "runs"), "train.name": "t", "train.max_steps_per_epoch": 3,
+        "train.max_failures": 1,
+    })
+
+
+def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phantom, tmp_path, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ENV, f"1:{marker}")
+    result = fit(_cfg(phantom, tmp_path, epochs=2))
+    assert marker.exists()  # the injected failure really happened after epoch 1
+    history = result.history
+    assert list(history["epoch"]) == [1, 2]
+    assert list(history["start_epoch"]) == [1, 2]  # the restarted group began at epoch 2, not 0
+    assert np.allclose(history["lr"], 1e-3 * 0.5 ** (history["epoch"] - 1))  # lr x decay^epoch
+    assert history[SCORE].notna().all() and (history["train_images"] > 0).all()
+    run_dir = result.run_dir
+    for name in ("metrics.csv", "curves.png", "config.yaml", "errors.csv", "split.csv"):
+        assert (run_dir / name).is_file(), name
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 2
+
+    # The best checkpoint is the lowest reported score, and it reproduces that score on the val split.
+    assert result.best_metrics[SCORE] == pytest.approx(history[SCORE].min())
+    ck = load_checkpoint(result.best_checkpoint)
+    split = pd.read_csv(run_dir / "split.csv")
+    found = rdata.scan(str(phantom / "dicoms"), str(phantom / "labels.csv"))
+    val = found.index.loc[split.loc[split["split"] == "val", "image_id"]]
+    rows = rdata.image_dataset(val, found, size=SIZE).take_all()
+    batches = [{"image": torch.as_tensor(np.stack([r["image"] for r in rows])),
+                "label": torch.as_tensor(np.stack([r["label"] for r in rows]))}]
+    out = predict(ck.model, batches, torch.device("cpu"))
+    assert weighted_log_loss(out["labels"], out["probabilities"]) == pytest.approx(result.best_metrics[SCORE], abs=1e-4)
+    assert ck.meta["labels"] == list(LABELS) and ck.meta["image_size"] == SIZE
+
+    # Relaunching with the same name and more epochs continues from the latest checkpoint.
+    monkeypatch.delenv(FAIL_ENV)
+    again = fit(_cfg(phantom, tmp_path, epochs=3))
+    assert list(again.history["epoch"]) == [1, 2, 3]
+    assert again.history["start_epoch"].iloc[-1] == 3
