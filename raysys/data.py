@@ -152,6 +152,9 @@ def scan(
         raise DataError(f"{data}: no .dcm files found")
     text = [c for c in frame.columns if c != "z"]
     frame[text] = frame[text].astype(str)
+    scheme, sep, _ = data.partition("://")
+    if sep and source == "dicom":  # Ray lists s3://bucket/key as bucket/key; keep paths re-readable
+        frame["path"] = frame["path"].where(frame["path"].str.contains("://"), scheme + "://" + frame["path"])
     bad = frame["error"] != ""
     errors = frame.loc[bad, ["image_id", "path", "error"]].rename(columns={"error": "reason"}).reset_index(drop=True)
     index = frame.loc[~bad, META_COLUMNS].sort_values(["patient_id", "study_id", "z", "image_id"])

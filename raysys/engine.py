@@ -57,8 +57,10 @@ def train_one_epoch(
 ) -> dict:
     """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed."""
     model.train()
-    total_loss, images, steps, start = 0.0, 0, 0, time.perf_counter()
+    total_loss, images, steps, start, first_batch = 0.0, 0, 0, time.perf_counter(), None
     for batch in batches:
+        if first_batch is None:
+            first_batch = time.perf_counter() - start  # pipeline start-up: a long one means the data is late
         x, y = _inputs(batch, model, device), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
@@ -78,7 +80,7 @@ def train_one_epoch(
             break
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(images, 1), "train_images": images, "train_seconds": seconds,
-            "train_images_per_s": images / seconds if seconds > 0 else 0.0}
+            "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0}
 
 
 @torch.inference_mode()
@@ -105,6 +107,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device, *,
     start = time.perf_counter()
     out = predict(model, batches, device, amp=amp)
     y, p = out["labels"], out["probabilities"]
+    if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
+        inf = {name: float("inf") for name in per_class_log_loss(y, np.full_like(p, 0.5))}
+        return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": inf,
+                "val_per_class_auc": {name: float("nan") for name in inf}, "val_images": int(len(y)),
+                "val_seconds": time.perf_counter() - start}
     return {
         "val_weighted_log_loss": weighted_log_loss(y, p),
         "val_per_class_log_loss": per_class_log_loss(y, p),

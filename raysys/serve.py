@@ -9,7 +9,6 @@ through the same presets as training). Responses and logs carry the image id
 (SOPInstanceUID) only, never PatientName, PatientID or dates.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -37,6 +36,29 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+    """Files of a multipart body (already size-checked); the body is replayed into Starlette's parser."""
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, receive).form()
+    except Exception as e:
+        raise RequestError(400, f"unreadable multipart body ({e})") from None
+    files = [(value.filename or key, await value.read()) for key, value in form.multi_items() if hasattr(value, "read")]
+    if not files:
+        raise RequestError(400, "multipart body has no file parts")
+    return files
+
+
+# Helpers above stand before the class on purpose: Serve serializes the class when the
+# decorator runs, and names defined after it would be missing in the replica.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class HemorrhageService:
@@ -140,27 +162,6 @@ class HemorrhageService:
         if meta.modality not in ("CT", ""):
             raise RequestError(422, f"{meta.image_id or name}: not a CT image (Modality {meta.modality})")
         return image, meta.image_id
-
-
-def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-
-
-async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
-    """Files of a multipart body (already size-checked); the body is replayed into Starlette's parser."""
-    from starlette.requests import Request as StarletteRequest
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await StarletteRequest(request.scope, receive).form()
-    except Exception as e:
-        raise RequestError(400, f"unreadable multipart body ({e})") from None
-    files = [(value.filename or key, await value.read()) for key, value in form.multi_items() if hasattr(value, "read")]
-    if not files:
-        raise RequestError(400, "multipart body has no file parts")
-    return files
 
 
 def build_app(checkpoint: str, *, replicas: int = 1, gpus_per_replica: float = 0.0, max_batch_size: int = 16,

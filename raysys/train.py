@@ -159,6 +159,7 @@ def train_loop(config: dict) -> None:
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
         val = _validate(model, device, amp, t.batch_size, dtypes) if rank == 0 else None
+        saving = time.perf_counter()
         val = _broadcast(val)
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),
@@ -174,6 +175,7 @@ def train_loop(config: dict) -> None:
                                 optimizer=optimizer, scheduler=scheduler,
                                 extra_meta={"label_prior": config["label_prior"]})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            print(f"[train] checkpoint saved and reported in {time.perf_counter() - saving:.1f}s", flush=True)
         else:
             ray.train.report(metrics)
         _maybe_fail(config["fail"], epoch, rank)

@@ -22,7 +22,7 @@ SIZE = 80
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-phantom")
-    write_dataset(out, PhantomConfig(studies=6, slices_per_study=(6, 8), size=96, seed=5,
+    write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=5,
                                      prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
                                                  "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4}))
     return out

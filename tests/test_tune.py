@@ -16,7 +16,7 @@ from raysys.tune import SweepConfig, max_concurrent_trials, sweep
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune-phantom")
-    write_dataset(out, PhantomConfig(studies=6, slices_per_study=(6, 8), size=96, seed=7,
+    write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=7,
                                      prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
                                                  "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4}))
     return out
@@ -30,14 +30,14 @@ def test_sweep_runs_trials_with_asha_and_exports_the_best(ray_session, phantom, 
     })
     assert max_concurrent_trials(cfg) == 2  # 2 CPUs // (one 0.5-CPU worker + 0.5 CPU kept for decoding)
     # Learning rates from 1e-5 to 1: the large ones wreck the model, so ASHA has losers to stop.
-    sweep_cfg = SweepConfig(num_samples=4, max_epochs=3, grace_period=1, reduction_factor=2, lr_min=1e-5, lr_max=1.0,
+    sweep_cfg = SweepConfig(num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2, lr_min=1e-5, lr_max=1.0,
                             seed=3)
     result = sweep(cfg, sweep_cfg, out=tmp_path, name="s")
 
     trials = pd.read_csv(result.sweep_dir / "trials.csv")
     assert len(trials) == 4 and trials["error"].isna().all()  # empty in the CSV: no trial failed
-    assert trials["stopped_early"].any() and (trials["epochs_run"] < 3).any()
-    assert (trials["epochs_run"] == 3).any()
+    assert trials["stopped_early"].any() and (trials["epochs_run"] < 2).any()
+    assert (trials["epochs_run"] == 2).any()
     assert ((trials["lr"] >= 1e-5) & (trials["lr"] <= 1.0)).all()
     assert ((trials["decay"] >= 0.5) & (trials["decay"] <= 1.0)).all()
 

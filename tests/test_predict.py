@@ -1,0 +1,95 @@
+"""Batch inference and evaluation on a real local Ray with phantom DICOMs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysys.config import Config
+from raysys.labels import LABELS, read_labels
+from raysys.metrics import per_class_auc, weighted_log_loss
+from raysys.model import build_model, load_checkpoint, save_checkpoint
+from raysys.phantom import PhantomConfig, write_dataset
+from raysys.predict import evaluate, infer, predict, submission
+from raysys.presets import dicom_to_image
+
+SIZE = 80
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    frame = write_dataset(root / "data", PhantomConfig(studies=3, slices_per_study=(5, 6), size=128, seed=4,
+                                                       quirks=True, quirk_files=1))
+    torch.manual_seed(0)
+    model = build_model("none", image_size=SIZE)
+    model.logit_offset.copy_(torch.tensor([-3.0, -2, -2, -2, -2, -1]))
+    ck = save_checkpoint(root / "ck", model, config=Config().replace(**{"data.image_size": SIZE}).to_dict(), epoch=1,
+                         metrics={}, extra_meta={"label_prior": [0.01, 0.05, 0.04, 0.05, 0.06, 0.14]})
+    return root, frame, str(ck)
+
+
+@pytest.fixture(scope="module")
+def preds(ray_session, setup):
+    root, _, ck = setup
+    return predict(ck, str(root / "data" / "dicoms"), batch_size=4, actors=1, progress=False)
+
+
+def test_one_row_per_readable_image_equal_to_calling_the_model(setup, preds):
+    _, frame, ck = setup
+    truncated = frame.index[frame["quirk"] == "truncated"]
+    readable = frame.drop(index=truncated)
+    assert sorted(preds.frame["image_id"]) == sorted(readable.index)  # no padded, dropped or repeated rows
+    assert list(preds.errors["image_id"]) == list(truncated)
+    model = load_checkpoint(ck).model
+    for image_id, row in readable.iloc[:5].iterrows():
+        image, _ = dicom_to_image(row["path"], "brain,subdural,soft_tissue", SIZE)
+        direct = infer(model, image[None], torch.device("cpu"))[0]
+        got = preds.frame.set_index("image_id").loc[image_id, list(LABELS)].to_numpy(np.float64)
+        assert np.allclose(got, direct, atol=1e-5)
+    probs = preds.frame[list(LABELS)].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_submission_follows_the_sample_and_refuses_missing_images(setup, preds, tmp_path):
+    root, frame, ck = setup
+    readable = [i for i in frame.index if i not in set(preds.errors["image_id"])]
+    order = list(np.random.default_rng(0).permutation(readable))
+    sample = pd.DataFrame({"ID": [f"{i}_{n}" for i in order for n in LABELS], "Label": 0.5})
+    sample.to_csv(tmp_path / "sample.csv", index=False)
+    out = submission(preds, tmp_path / "sub.csv", checkpoint=ck, sample_submission=str(tmp_path / "sample.csv"))
+    written = pd.read_csv(tmp_path / "sub.csv")
+    assert len(written) == 6 * len(readable) == len(out)
+    assert written["ID"].tolist() == sample["ID"].tolist()
+    assert written["Label"].between(0, 1).all()
+
+    # The truncated image is in the sample: listed in errors.csv, and an error unless allowed.
+    everyone = pd.DataFrame({"ID": [f"{i}_{n}" for i in frame.index for n in LABELS], "Label": 0.5})
+    everyone.to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(RuntimeError, match="--allow-missing"):
+        submission(preds, tmp_path / "sub2.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"))
+    errors = pd.read_csv(tmp_path / "errors.csv")
+    truncated = frame.index[frame["quirk"] == "truncated"][0]
+    assert errors["image_id"].tolist() == [truncated] and "expected" in errors["reason"].iloc[0]
+    filled = submission(preds, tmp_path / "sub3.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"),
+                        allow_missing=True)
+    rows = filled.set_index("ID").loc[[f"{truncated}_{n}" for n in LABELS], "Label"]
+    assert np.allclose(rows, [0.01, 0.05, 0.04, 0.05, 0.06, 0.14])
+
+
+def test_evaluate_matches_the_metrics_module(setup, preds, tmp_path):
+    root, _, ck = setup
+    metrics = evaluate(preds, str(root / "data" / "labels.csv"), ck, tmp_path)
+    table = read_labels(root / "data" / "labels.csv")
+    ids = preds.frame["image_id"]
+    y = table.loc[ids, list(LABELS)].to_numpy(float)
+    p = preds.frame[list(LABELS)].to_numpy(float)
+    assert metrics["weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    prior = np.tile([0.01, 0.05, 0.04, 0.05, 0.06, 0.14], (len(y), 1))
+    assert metrics["prior_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, prior))
+    auc = per_class_auc(y, p)
+    assert all(np.isnan(auc[n]) and np.isnan(metrics["per_class_auc"][n]) or auc[n] == pytest.approx(metrics["per_class_auc"][n]) for n in LABELS)
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == len(y)
+    assert (tmp_path / "roc.png").stat().st_size > 0 and (tmp_path / "calibration.png").stat().st_size > 0
