@@ -1,0 +1,132 @@
+"""Training images/s of the raysys InceptionV3 on one GPU: fp32 vs bf16 autocast + channels_last (+ torch.compile).
+
+Plain torch, no Ray (it runs where Ray is not installed): raysys.model.build_model("none") with
+Adam (lr 5e-4, the recipe's) and raysys.engine.WeightedBCE, on synthetic uint8 images
+(B, 3, S, S) already on the device, normalised by raysys.presets.to_model_input as training does.
+For each batch size (--batch-sizes) and mode, a fresh model runs --warmup steps, then --steps
+timed steps between two cuda synchronizes:
+
+  fp32       float32, NCHW (cuDNN may still use TF32 for convolutions: torch's default, reported)
+  bf16_cl    torch.autocast(bfloat16) + channels_last model and inputs, as raysys.engine does on CUDA
+  compile    bf16_cl + torch.compile(model), only with --compile (compilation happens in the warm-up
+             steps, so give it a few)
+
+Unlike train_one_epoch, a step does not read loss.item(): this is the GPU's throughput, without
+the per-step host sync. A batch size that runs out of memory is reported as such. Without CUDA it
+runs on the CPU (bf16 there is usually slower; a note says so): for a smoke test use tiny flags.
+
+    .venv/bin/python benchmarks/train_throughput.py [--batch-sizes 24,64,128] [--steps 20]
+        [--warmup 5] [--image-size 256] [--compile] [--out FILE]
+    .venv/bin/python benchmarks/train_throughput.py --batch-sizes 4 --steps 2 --warmup 1 --image-size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from _common import emit, log, machine
+from raysys.engine import WeightedBCE, autocast
+from raysys.labels import LABELS
+from raysys.model import build_model
+from raysys.presets import to_model_input
+
+LR = 5e-4  # TrainConfig.lr, the reference recipe's Adam learning rate
+
+
+def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> float:
+    """Build a fresh model for `mode`, warm up, then time args.steps steps; images per second."""
+    torch.manual_seed(0)
+    amp = mode != "fp32"
+    model = build_model("none", image_size=args.image_size).to(device).train()
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if mode == "compile" else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    loss_fn = WeightedBCE().to(device)
+    fmt = torch.channels_last if amp else torch.contiguous_format
+    images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 2, (batch_size, len(LABELS)), device=device).float()
+
+    def step() -> None:
+        x = to_model_input(images, model.contract.mean, model.contract.std).contiguous(memory_format=fmt)
+        with autocast(device, amp):
+            logits = forward(x)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return batch_size * args.steps / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="24,64,128", help="comma-separated batch sizes")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per (mode, batch size)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotune, compilation)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="also time bf16_cl + torch.compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu"
+        log("no CUDA device: running on the CPU; bf16 autocast on CPUs is usually slower than fp32")
+    modes = ["fp32", "bf16_cl"] + (["compile"] if args.compile else [])
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    results = []
+    for batch_size in batch_sizes:
+        for mode in modes:
+            entry = {"mode": mode, "batch_size": batch_size}
+            try:
+                entry["images_per_s"] = round(images_per_s(mode, batch_size, args, device), 2)
+            except torch.cuda.OutOfMemoryError:
+                entry["images_per_s"], entry["error"] = None, "out of memory"
+            if device.type == "cuda":
+                entry["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                torch.cuda.reset_peak_memory_stats(device)
+                torch.cuda.empty_cache()
+            log(f"{mode:8s} batch {batch_size:4d}  {entry['images_per_s']} img/s")
+            results.append(entry)
+
+    rate = {(r["mode"], r["batch_size"]): r["images_per_s"] for r in results}
+    result = {"device": name, "device_type": device.type, "cuda": torch.version.cuda,
+              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+              "matmul_precision": torch.get_float32_matmul_precision(),
+              "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup, "lr": LR,
+              "results": results}
+    for bs in batch_sizes:
+        for mode, key in (("bf16_cl", "bf16_speedup"), ("compile", "compile_speedup")):
+            if mode in modes and rate[("fp32", bs)] and rate[(mode, bs)]:
+                result[f"{key}_at_{bs}"] = round(rate[(mode, bs)] / rate[("fp32", bs)], 2)
+    if device.type == "cpu":
+        result["note"] = "no CUDA device: measured on the CPU, where bf16 autocast is usually slower"
+    result.update(machine())
+    emit(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
