@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, trials: int = 2,
-        max_epochs: int = 2) -> dict:
+        max_epochs: int = 4) -> dict:
     """Run every stage under `workdir` (cleared first); returns the summary it prints last."""
     import ray
 
