@@ -9,17 +9,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the uploaded working dir holds the package; no install needed on the head
 
 
-SMOKE_PREVALENCE = {"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1, "subarachnoid": 0.1,
-                    "subdural": 0.15, "any": 0.4}  # bleeds in 40% of slices: positives on both sides of the split
-
-
 def smoke_data(studies: int = 10, size: int = 96) -> tuple[str, str]:
     """A tiny phantom dataset in a temp folder on the node running the job: (dicoms, labels.csv)."""
-    from raysys.phantom import PhantomConfig, write_dataset
+    from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
 
     out = Path(tempfile.mkdtemp(prefix="raysys-smoke-"))
     write_dataset(out, PhantomConfig(studies=studies, slices_per_study=(4, 5), size=size, seed=0,
-                                     prevalence=SMOKE_PREVALENCE))
+                                     prevalence=DENSE_PREVALENCE))
     return str(out / "dicoms"), str(out / "labels.csv")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysys.labels import LABELS
 from raysys.metrics import LABEL_WEIGHTS, per_class_auc, per_class_log_loss, weighted_log_loss
 from raysys.model import unwrap
 from raysys.presets import to_model_input
@@ -108,9 +109,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device, *,
     out = predict(model, batches, device, amp=amp)
     y, p = out["labels"], out["probabilities"]
     if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
-        inf = {name: float("inf") for name in per_class_log_loss(y, np.full_like(p, 0.5))}
-        return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": inf,
-                "val_per_class_auc": {name: float("nan") for name in inf}, "val_images": int(len(y)),
+        return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": dict.fromkeys(LABELS, float("inf")),
+                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), "val_images": int(len(y)),
                 "val_seconds": time.perf_counter() - start}
     return {
         "val_weighted_log_loss": weighted_log_loss(y, p),

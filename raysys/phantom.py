@@ -28,6 +28,16 @@ RSNA_PREVALENCE: dict[str, float] = {
     "subdural": 0.063,
     "any": 0.143,
 }
+# Bleeds in 40% of slices: a few short studies then hold positives on both sides of a patient split
+# (tests and smoke jobs).
+DENSE_PREVALENCE: dict[str, float] = {
+    "epidural": 0.05,
+    "intraparenchymal": 0.15,
+    "intraventricular": 0.1,
+    "subarachnoid": 0.1,
+    "subdural": 0.15,
+    "any": 0.4,
+}
 
 # File defects injected by `quirks=True`, each into `quirk_files` images; the frame's `quirk` column names them.
 QUIRKS: tuple[str, ...] = ("wrapped_intercept", "signed", "size", "truncated", "duplicate_rows")

@@ -7,7 +7,7 @@ import pytest
 from raysys import data as rdata
 from raysys.config import AugmentConfig
 from raysys.labels import LABELS
-from raysys.phantom import PhantomConfig, write_dataset
+from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.windowing import parse_windows, window_stack
 from raysys.dicom import read_dicom
 
@@ -19,8 +19,7 @@ def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
     # Prevalence raised so a few dozen slices hold positives of every kind.
     cfg = PhantomConfig(studies=8, slices_per_study=(8, 10), size=128, seed=3, quirks=True, quirk_files=1,
-                        prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
-                                    "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4})
+                        prevalence=DENSE_PREVALENCE)
     frame = write_dataset(out, cfg)
     return out, frame
 

@@ -13,7 +13,7 @@ from raysys.engine import predict
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
 from raysys.model import load_checkpoint
-from raysys.phantom import PhantomConfig, write_dataset
+from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.train import FAIL_ENV, SCORE, fit
 
 SIZE = 80
@@ -23,8 +23,7 @@ SIZE = 80
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-phantom")
     write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=5,
-                                     prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
-                                                 "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4}))
+                                     prevalence=DENSE_PREVALENCE))
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from raysys.config import Config
 from raysys.model import load_checkpoint
-from raysys.phantom import PhantomConfig, write_dataset
+from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.train import SCORE
 from raysys.tune import SweepConfig, max_concurrent_trials, sweep
 
@@ -17,8 +17,7 @@ from raysys.tune import SweepConfig, max_concurrent_trials, sweep
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune-phantom")
     write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=7,
-                                     prevalence={"epidural": 0.05, "intraparenchymal": 0.15, "intraventricular": 0.1,
-                                                 "subarachnoid": 0.1, "subdural": 0.15, "any": 0.4}))
+                                     prevalence=DENSE_PREVALENCE))
     return out
 
 
