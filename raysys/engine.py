@@ -58,10 +58,15 @@ def train_one_epoch(
 ) -> dict:
     """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed."""
     model.train()
-    total_loss, images, steps, start, first_batch = 0.0, 0, 0, time.perf_counter(), None
+    total_loss, images, steps, skipped, start, first_batch = 0.0, 0, 0, 0, time.perf_counter(), None
     for batch in batches:
         if first_batch is None:
             first_batch = time.perf_counter() - start  # pipeline start-up: a long one means the data is late
+        if len(batch["label"]) < 2:
+            # BatchNorm cannot train on one image. Ray Train splits epochs equally across ranks, so every
+            # rank meets this last one-image batch at the same step and DDP stays in step.
+            skipped += 1
+            continue
         x, y = _inputs(batch, model, device), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
@@ -81,7 +86,8 @@ def train_one_epoch(
             break
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(images, 1), "train_images": images, "train_seconds": seconds,
-            "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0}
+            "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0,
+            "train_skipped_batches": skipped}
 
 
 @torch.inference_mode()

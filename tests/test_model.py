@@ -118,3 +118,15 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     x = to_model_input(val[0]["image"], model.contract.mean, model.contract.std)
     with torch.inference_mode():
         assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
+
+
+def test_a_last_batch_of_one_image_is_skipped_not_fatal():
+    # BatchNorm cannot train on a single image; an epoch whose shard leaves one image over must go on.
+    torch.manual_seed(0)
+    model = build_model("none", image_size=SIZE)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = list(_batches())
+    single = {"image": batches[0]["image"][:1], "label": batches[0]["label"][:1]}
+    stats = train_one_epoch(model, [*batches, single], optimizer, WeightedBCE(), torch.device("cpu"))
+    assert stats["train_images"] == sum(len(b["label"]) for b in batches)
+    assert stats["train_skipped_batches"] == 1
