@@ -19,6 +19,7 @@ from raysys.train import SCORE, Split, fit, load_split
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
+RUNGS_FILE = "asha_rungs.json"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,48 @@ def max_concurrent_trials(cfg: Config, data_reserve_cpus: float = 0.5) -> int:
     return max(1, int(resources.get("CPU", 1) // need))
 
 
+class ResumableASHA(tune.schedulers.ASHAScheduler):
+    """ASHA whose rung records survive a relaunch of the sweep.
+
+    `Tuner.restore` rebuilds the scheduler as it was when the sweep began (Ray Tune saves no scheduler
+    state, ray-project/ray#30838), so a resumed sweep would forget every score at every rung and stop
+    fewer trials. This one writes its rungs to `state_path` after each result and reads them back when
+    the first trial is re-added. Trial ids survive `Tuner.restore`, so every record still applies.
+    """
+
+    def __init__(self, state_path: str | Path, **kwargs):
+        super().__init__(**kwargs)
+        self._state_path = str(state_path)
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._loaded:
+            self._loaded = True
+            path = Path(self._state_path)
+            if path.is_file():
+                for bracket, rungs in zip(self._brackets, json.loads(path.read_text())):
+                    for (milestone, recorded), saved in zip(bracket._rungs, rungs):
+                        if float(saved["milestone"]) == float(milestone):
+                            recorded.update(saved["recorded"])
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def _save(self) -> None:
+        state = [[{"milestone": milestone, "recorded": recorded} for milestone, recorded in bracket._rungs]
+                 for bracket in self._brackets]
+        tmp = Path(self._state_path + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._state_path)
+
+
 def run_trial(config: dict, base: dict, split: Split, trials_path: str) -> None:
     """One Tune trial: a whole Ray Train run with this trial's lr and decay, metrics sent to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -94,6 +137,7 @@ def sweep(cfg: Config, sweep_cfg: SweepConfig, out: str | Path, name: str = "swe
         log.info("resuming sweep %s", tuner_path)
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
     else:
+        (sweep_dir / RUNGS_FILE).unlink(missing_ok=True)  # rungs of an earlier sweep without a Tune state
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep_cfg),
@@ -103,9 +147,9 @@ def sweep(cfg: Config, sweep_cfg: SweepConfig, out: str | Path, name: str = "swe
                 num_samples=sweep_cfg.num_samples,
                 # max_t one past the last epoch: a trial that runs all its epochs ends by itself (and writes
                 # its reports) instead of being stopped by ASHA at max_t.
-                scheduler=tune.schedulers.ASHAScheduler(
-                    time_attr="epoch", max_t=sweep_cfg.max_epochs + 1, grace_period=sweep_cfg.grace_period,
-                    reduction_factor=sweep_cfg.reduction_factor,
+                scheduler=ResumableASHA(
+                    sweep_dir / RUNGS_FILE, time_attr="epoch", max_t=sweep_cfg.max_epochs + 1,
+                    grace_period=sweep_cfg.grace_period, reduction_factor=sweep_cfg.reduction_factor,
                 ),
                 # A search_alg given here must carry the concurrency limit itself (Tune ignores max_concurrent_trials).
                 search_alg=tune.search.BasicVariantGenerator(random_state=sweep_cfg.seed,

@@ -8,6 +8,11 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start their own Ray head run first, so that two local clusters never share the 2 cores."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -1,6 +1,12 @@
-"""Ray Tune sweep on a real local Ray: trials are Ray Train runs, ASHA stops some, best/ is exported."""
+"""Ray Tune sweep on a real local Ray: trials are Ray Train runs, ASHA stops some, best/ is exported,
+and a sweep whose driver was killed resumes under the same name."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -10,7 +16,7 @@ from raysys.config import Config
 from raysys.model import load_checkpoint
 from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.train import SCORE
-from raysys.tune import SweepConfig, max_concurrent_trials, sweep
+from raysys.tune import RUNGS_FILE, SweepConfig, max_concurrent_trials, sweep
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,41 @@ def phantom(tmp_path_factory):
     return out
 
 
-def test_sweep_runs_trials_with_asha_and_exports_the_best(ray_session, phantom, tmp_path):
+# A sweep driver of its own on the test session's Ray, so that the test can kill it mid-sweep.
+DRIVER = """
+import json, sys
+import ray
+from raysys.config import from_dict
+from raysys.tune import SweepConfig, sweep
+base, sweep_kw, out, address = json.loads(sys.argv[1])
+ray.init(address=address, log_to_driver=False)
+sweep(from_dict(base, {}), SweepConfig(**sweep_kw), out=out, name="s")
+"""
+
+
+def _reported(tuner_dir):
+    """Tune's own record of every trial's results: {trial dir name: [result dicts]}."""
+    return {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in tuner_dir.iterdir() if (d / "result.json").is_file()}
+
+
+def _kill_driver_after_first_result(cmd, env, tuner_dir, timeout=300):
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None:
+            if tuner_dir.is_dir() and any(_reported(tuner_dir).values()):
+                time.sleep(3)  # past the next experiment-state save (every second here)
+                break
+            time.sleep(1)
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        assert any(_reported(tuner_dir).values()), "no trial reported in time"
+    finally:
+        driver.send_signal(signal.SIGKILL)  # the driver dies; Ray reaps its trials and their Train runs
+        driver.wait()
+
+
+def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best(ray_session, phantom, tmp_path):
     cfg = Config().replace(**{
         "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"), "data.image_size": 80,
         "data.val_fraction": 0.3, "model.weights": "none", "train.batch_size": 4, "train.workers": 1,
@@ -29,9 +69,28 @@ def test_sweep_runs_trials_with_asha_and_exports_the_best(ray_session, phantom, 
     })
     assert max_concurrent_trials(cfg) == 2  # 2 CPUs // (one 0.5-CPU worker + 0.5 CPU kept for decoding)
     # Learning rates from 1e-5 to 1: the large ones wreck the model, so ASHA has losers to stop.
-    sweep_cfg = SweepConfig(num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2, lr_min=1e-5, lr_max=1.0,
-                            seed=3)
-    result = sweep(cfg, sweep_cfg, out=tmp_path, name="s")
+    sweep_kw = dict(num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2, lr_min=1e-5, lr_max=1.0, seed=3)
+
+    # The first driver is killed as soon as one trial has reported ...
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    cmd = [sys.executable, "-c", DRIVER, json.dumps([cfg.to_dict(), sweep_kw, str(tmp_path), address])]
+    tuner_dir = tmp_path / "s" / "tuner"
+    _kill_driver_after_first_result(cmd, env, tuner_dir)
+    before = {name: rows for name, rows in _reported(tuner_dir).items() if rows}
+    assert not (tmp_path / "s" / "trials.csv").exists()
+
+    # ... and the same sweep relaunched under the same name resumes it: same trials, their results kept.
+    result = sweep(cfg, SweepConfig(**sweep_kw), out=tmp_path, name="s")
+    after = _reported(tuner_dir)
+    assert set(before) <= set(after) and len(after) == 4  # no fresh sweep: the interrupted trials carried on
+    for name, rows in before.items():
+        assert after[name][:len(rows)] == rows
+    # ASHA's rungs came back too (Tune itself forgets them): every trial's epoch-1 score is on the first rung.
+    (first_rung,) = [r["recorded"] for r in json.loads((tmp_path / "s" / RUNGS_FILE).read_text())[0]
+                     if r["milestone"] == 1]
+    epoch_1 = {r["trial_id"]: r[SCORE] for rows in after.values() for r in rows if r["epoch"] == 1}
+    assert {t: -v for t, v in first_rung.items()} == pytest.approx(epoch_1)
 
     trials = pd.read_csv(result.sweep_dir / "trials.csv")
     assert len(trials) == 4 and trials["error"].isna().all()  # empty in the CSV: no trial failed
