@@ -76,15 +76,38 @@ class HemorrhageService:
                            "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
         self.max_body_bytes = max_body_bytes
         self.token = os.environ.get(TOKEN_ENV) or None
+        self._model_idle: asyncio.Event | None = None
+        self.batching = {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "batches": 0, "images": 0}
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
+    async def score(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities for one preprocessed image, batched with whatever else is waiting.
+
+        Serve forms the next batch as soon as the last one is formed, not when the model is free, so
+        under load it would queue many one-image batches behind a busy model. Requests therefore wait
+        here while a forward pass runs and enter the batch queue together when it ends: one batch
+        of everything that waited, and no added wait when the service is idle.
+        """
+        if self._model_idle is None:
+            self._model_idle = asyncio.Event()  # made on the replica's own event loop
+            self._model_idle.set()
+        await self._model_idle.wait()
+        return await self.infer(image)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Micro-batched forward pass: requests arriving within the wait share one batch."""
+        """Micro-batched forward pass. It runs in a worker thread (torch releases the GIL), so the event
+        loop goes on receiving and decoding requests meanwhile; Serve runs one batch at a time."""
         from raysys.predict import infer
 
-        return list(infer(self.model, np.stack(images), self.device))
+        self._model_idle.clear()
+        self.batching["batches"] += 1
+        self.batching["images"] += len(images)
+        try:
+            return list(await asyncio.to_thread(infer, self.model, np.stack(images), self.device))
+        finally:
+            self._model_idle.set()
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -95,7 +118,7 @@ class HemorrhageService:
         if (denied := self._authorize(request)) is not None:
             return denied
         return {"labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
-                "contract": self.meta["contract"], "model": self.model_info,
+                "contract": self.meta["contract"], "model": self.model_info, "batching": self.batching,
                 "metrics": {k: v for k, v in self.meta["metrics"].items() if k != "history"}}
 
     @api.post("/v1/predict")
@@ -113,7 +136,7 @@ class HemorrhageService:
         except RequestError as e:
             log.info("predict rejected: %s %s", e.status, e.message)
             return JSONResponse({"error": e.message}, status_code=e.status)
-        probabilities = await asyncio.gather(*(self.infer(image) for image in images))
+        probabilities = await asyncio.gather(*(self.score(image) for image in images))
         latency = (time.perf_counter() - start) * 1000
         results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
                     "model": self.model_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]

@@ -114,10 +114,18 @@ def test_multipart_with_several_files(server, checkpoint, phantom):
 def test_concurrent_requests_are_batched_and_all_succeed(server, phantom):
     from concurrent.futures import ThreadPoolExecutor
 
+    def counts():
+        return requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()["batching"]
+
+    before = counts()
     bodies = [p.read_bytes() for p in phantom] * 4
     with ThreadPoolExecutor(8) as pool:
         codes = [r.status_code for r in pool.map(lambda b: _post(server, b), bodies)]
     assert codes == [200] * len(bodies)
+    after = counts()
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == len(bodies)
+    assert batches < images  # requests that waited while the model was busy shared a forward pass
 
 
 def test_real_rsna_file(server, checkpoint):
