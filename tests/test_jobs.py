@@ -1,4 +1,5 @@
-"""The real `ray job submit` CLI against a real `ray start --head` (its own ports and temp dir)."""
+"""The real `ray job submit` and `serve deploy` CLIs against a real `ray start --head` (its own ports and
+temp dir), started once for this module and always stopped."""
 
 import os
 import shutil
@@ -9,7 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
+import torch
+import yaml
+
+from raysys.config import Config
+from raysys.labels import LABELS
+from raysys.model import build_model, read_meta, save_checkpoint
+from raysys.phantom import PhantomConfig, write_dataset
+from raysys.predict import infer
+from raysys.presets import dicom_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -21,10 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def head(tmp_path):
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
     """A Ray head started by the CLI; `--block` ties its processes to this Popen, so stopping it
     stops exactly this cluster (never `ray stop`, which would take the test session's Ray too)."""
+    tmp_path = tmp_path_factory.mktemp("head")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     dashboard = _free_port()
     temp_dir = Path("/tmp") / f"raysys-head-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
@@ -104,3 +117,46 @@ def test_train_smoke_job_succeeds_and_writes_a_checkpoint(head, tmp_path):
     assert checkpoints and (checkpoints[-1] / "model.pt").is_file() and (checkpoints[-1] / "meta.json").is_file()
     assert (storage / "smoke" / "metrics.csv").is_file()
     assert "[train] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
+
+
+@pytest.mark.cluster
+def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
+    """jobs/serve.yaml as shipped, with only the checkpoint and the HTTP port filled in."""
+    address, env = head
+    torch.manual_seed(0)
+    model = build_model("none", image_size=80)
+    checkpoint = save_checkpoint(tmp_path / "best", model, config=Config().replace(**{"data.image_size": 80}).to_dict(),
+                                 epoch=1, metrics={"val_weighted_log_loss": 0.5})
+    config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["checkpoint"] = str(checkpoint)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    serve_cli = str(BIN / "serve")
+    deploy = subprocess.run([serve_cli, "deploy", str(tmp_path / "serve.yaml"), "--address", address], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    try:
+        deadline, app = time.time() + 180, {}
+        while time.time() < deadline:
+            status = subprocess.run([serve_cli, "status", "--address", address], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            app = (yaml.safe_load(status.stdout) or {}).get("applications", {}).get("raysys", {})
+            if app.get("status") in ("RUNNING", "DEPLOY_FAILED"):
+                break
+            time.sleep(2)
+        assert app.get("status") == "RUNNING", app
+
+        path = write_dataset(tmp_path / "phantom", PhantomConfig(studies=1, slices_per_study=2, size=128, seed=4))
+        body = Path(path["path"].iloc[0]).read_bytes()
+        reply = requests.post(f"http://127.0.0.1:{port}/v1/predict", data=body,
+                              headers={"Content-Type": "application/dicom"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        image, meta = dicom_to_image(body, read_meta(checkpoint)["windows"], 80)
+        expected = infer(model.eval(), image[None], torch.device("cpu"))[0]
+        answer = reply.json()
+        assert answer["image_id"] == meta.image_id
+        assert np.allclose([answer["probabilities"][name] for name in LABELS], expected, atol=1e-5)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", "--address", address], env=env, capture_output=True, timeout=120)
