@@ -2,6 +2,7 @@
 temp dir), started once for this module and always stopped."""
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,7 +39,10 @@ def head(tmp_path_factory):
     """A Ray head started by the CLI; `--block` ties its processes to this Popen, so stopping it
     stops exactly this cluster (never `ray stop`, which would take the test session's Ray too)."""
     tmp_path = tmp_path_factory.mktemp("head")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # Token auth as Ray's CLI expects it, with a token of this head's own: nothing read from or written
+    # to ~/.ray, and the head, its jobs and every CLI call below share it through the environment.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     dashboard = _free_port()
     temp_dir = Path("/tmp") / f"raysys-head-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
@@ -64,11 +68,13 @@ def head(tmp_path_factory):
         yield address, env
     finally:
         tree = _descendants(proc.pid)  # GCS, raylet, agents and workers: worker names no longer show the temp dir
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
         try:
+            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
             proc.wait(timeout=10)  # a graceful stop can take half a minute; what is left gets SIGKILL
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had already stopped (a head that failed to start)
+            pass
         for pid in tree | _descendants(proc.pid):  # ... and whatever of this head's survived it
             try:
                 os.kill(pid, signal.SIGKILL)
