@@ -15,8 +15,8 @@ The two phases must score the warm-up bodies alike (probabilities_max_abs_diff).
 
 Without --checkpoint an untrained InceptionV3 is saved at --image-size, default 128 px so that
 CPU inference stays quick (speed does not depend on the weights); without --data a small
-512 x 512 phantom is written. One replica with 1 CPU serves; the load generator runs on the same
-machine and competes with it for CPUs.
+512 x 512 phantom is written. One replica with --cpus-per-replica CPUs (default 1; as many torch threads) serves;
+the load generator runs on the same machine and competes with it for CPUs.
 
     .venv/bin/python benchmarks/serve_load.py [--data DIR] [--checkpoint DIR] [--image-size 128]
         [--requests 1000] [--concurrency 16] [--max-batch-size 16] [--max-seconds 300]
@@ -129,6 +129,8 @@ def phase(name: str, app, url: str, bodies: list[bytes], args) -> tuple[dict, di
         wait_healthy(url)
         seen = warm_up(url, bodies, args.warmup)
         stats = load(url, bodies, args.requests, args.concurrency, args.max_seconds)
+        counts = requests.get(f"{url}/v1/model", headers=HEADERS, timeout=30).json()["batching"]
+        stats["mean_batch_size"] = round(counts["images"] / max(counts["batches"], 1), 2)  # warm-up included
     finally:
         serve.delete(APP)
     log(f"{name:10s} {stats}")
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=16, help="client threads, one request in flight each")
     parser.add_argument("--max-batch-size", type=int, default=16, help="Serve micro-batch size of the batched phase")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="Serve batch wait of the batched phase")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) of the one replica")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted requests before each phase")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long per phase")
     parser.add_argument("--num-cpus", type=int, default=local_cores(), help="CPUs of the local Ray (default: all)")
@@ -167,9 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         url = f"http://127.0.0.1:{port}"
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
+            common = {"cpus_per_replica": args.cpus_per_replica}
             batched, seen_b = phase("batched", build_app(str(checkpoint), max_batch_size=args.max_batch_size,
-                                                          batch_wait_ms=args.batch_wait_ms), url, bodies, args)
-            unbatched, seen_u = phase("unbatched", build_app(str(checkpoint), max_batch_size=1), url, bodies, args)
+                                                          batch_wait_ms=args.batch_wait_ms, **common), url, bodies, args)
+            unbatched, seen_u = phase("unbatched", build_app(str(checkpoint), max_batch_size=1, **common), url, bodies,
+                                      args)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "concurrency": args.concurrency,
         "image_size": image_size,
         "max_batch_size": args.max_batch_size,
+        "cpus_per_replica": args.cpus_per_replica,
         "batch_wait_ms": args.batch_wait_ms,
         "warmup_requests": args.warmup,
         "max_seconds": args.max_seconds,

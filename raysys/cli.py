@@ -155,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     _init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args.checkpoint, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+    serve.run(build_app(args.checkpoint, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                        gpus_per_replica=args.gpus_per_replica,
                         max_batch_size=args.max_batch_size), name="raysys", route_prefix="/")
     print(f"raysys serving {args.checkpoint} at http://{args.host}:{args.port}/v1/predict (Ctrl-C stops)", flush=True)
     try:
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--address", default=None)

@@ -76,24 +76,33 @@ class HemorrhageService:
                            "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
         self.max_body_bytes = max_body_bytes
         self.token = os.environ.get(TOKEN_ENV) or None
-        self._model_idle: asyncio.Event | None = None
+        self._turn: asyncio.Event | None = None
+        self._in_turn = 0
         self.batching = {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "batches": 0, "images": 0}
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    async def score(self, image: np.ndarray) -> np.ndarray:
-        """Probabilities for one preprocessed image, batched with whatever else is waiting.
+    async def score(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities for a request's preprocessed images, batched with other requests.
 
-        Serve forms the next batch as soon as the last one is formed, not when the model is free, so
-        under load it would queue many one-image batches behind a busy model. Requests therefore wait
-        here while a forward pass runs and enter the batch queue together when it ends: one batch
-        of everything that waited, and no added wait when the service is idle.
+        Serve forms the next batch as soon as the previous one is formed, not when the model is free,
+        so under load it would queue many small batches behind a busy model. Requests therefore take
+        turns in groups: everything that arrived while a group was being scored enters the batch
+        queue together when that group is done. An idle service adds no wait; a cancelled request
+        still ends its group's turn.
         """
-        if self._model_idle is None:
-            self._model_idle = asyncio.Event()  # made on the replica's own event loop
-            self._model_idle.set()
-        await self._model_idle.wait()
-        return await self.infer(image)
+        if self._turn is None:
+            self._turn = asyncio.Event()  # made on the replica's own event loop
+            self._turn.set()
+        await self._turn.wait()
+        self._turn.clear()  # later arrivals wait for the next turn; those woken with this one go on
+        self._in_turn += 1
+        try:
+            return await asyncio.gather(*(self.infer(image) for image in images))
+        finally:
+            self._in_turn -= 1
+            if self._in_turn == 0:
+                self._turn.set()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -101,13 +110,9 @@ class HemorrhageService:
         loop goes on receiving and decoding requests meanwhile; Serve runs one batch at a time."""
         from raysys.predict import infer
 
-        self._model_idle.clear()
         self.batching["batches"] += 1
         self.batching["images"] += len(images)
-        try:
-            return list(await asyncio.to_thread(infer, self.model, np.stack(images), self.device))
-        finally:
-            self._model_idle.set()
+        return list(await asyncio.to_thread(infer, self.model, np.stack(images), self.device))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -136,7 +141,7 @@ class HemorrhageService:
         except RequestError as e:
             log.info("predict rejected: %s %s", e.status, e.message)
             return JSONResponse({"error": e.message}, status_code=e.status)
-        probabilities = await asyncio.gather(*(self.score(image) for image in images))
+        probabilities = await self.score(images)
         latency = (time.perf_counter() - start) * 1000
         results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
                     "model": self.model_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]
@@ -187,13 +192,15 @@ class HemorrhageService:
         return image, meta.image_id
 
 
-def build_app(checkpoint: str, *, replicas: int = 1, gpus_per_replica: float = 0.0, max_batch_size: int = 16,
-              batch_wait_ms: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY):
-    """The Serve application for a checkpoint directory (local path; nothing heavy happens here)."""
+def build_app(checkpoint: str, *, replicas: int = 1, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
+              max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY):
+    """The Serve application for a checkpoint directory (local path; nothing heavy happens here).
+
+    On CPU a replica's forward pass uses as many threads as it reserves CPUs (Ray sets OMP_NUM_THREADS)."""
     from raysys.model import read_meta
 
     read_meta(checkpoint)  # fail now, with a clear message, if it is not a checkpoint
-    actor = {"num_cpus": 1, "num_gpus": gpus_per_replica}
+    actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if os.environ.get(TOKEN_ENV):  # the replicas read the token from their own environment
         actor["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
     options = {"num_replicas": replicas, "ray_actor_options": actor}

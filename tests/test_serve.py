@@ -128,6 +128,27 @@ def test_concurrent_requests_are_batched_and_all_succeed(server, phantom):
     assert batches < images  # requests that waited while the model was busy shared a forward pass
 
 
+def test_clients_that_hang_up_do_not_stall_the_next_requests(server, phantom):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = phantom[0].read_bytes()
+
+    def hang_up(_):
+        try:
+            return _post_with_timeout(server, body, 0.005).status_code
+        except requests.Timeout:
+            return "timeout"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(hang_up, range(8)))
+    assert "timeout" in outcomes  # some requests really were abandoned mid-flight
+    assert _post(server, body).status_code == 200  # and their batching turn ended with them
+
+
+def _post_with_timeout(url, body, timeout):
+    return requests.post(f"{url}/v1/predict", data=body, headers=AUTH, timeout=timeout)
+
+
 def test_real_rsna_file(server, checkpoint):
     path = sorted(RSNA_SAMPLE.glob("*.dcm"))[0]
     r = _post(server, path.read_bytes())
