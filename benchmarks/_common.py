@@ -82,6 +82,9 @@ def init_ray(address: str | None, num_cpus: int) -> int:
     if address:
         ray.init(address=address)
     else:
+        from raysys.data import keep_worker_processes
+
+        keep_worker_processes()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines go to stderr
     return int(ray.cluster_resources().get("CPU", 0))

@@ -90,7 +90,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def _init_ray(address: str | None) -> None:
     import ray
 
+    from raysys.data import keep_worker_processes
+
     if not ray.is_initialized():
+        keep_worker_processes()
         ray.init(address=address)
 
 

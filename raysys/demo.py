@@ -75,6 +75,9 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
 
     with stage(2, total, "start a local Ray"):
         if not ray.is_initialized():
+            from raysys.data import keep_worker_processes
+
+            keep_worker_processes()
             ray.init()
         print(f"   resources: {ray.cluster_resources()}")
 
