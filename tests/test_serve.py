@@ -149,6 +149,7 @@ def _post_with_timeout(url, body, timeout):
     return requests.post(f"{url}/v1/predict", data=body, headers=AUTH, timeout=timeout)
 
 
+@pytest.mark.skipif(not RSNA_SAMPLE.is_dir(), reason=f"{RSNA_SAMPLE} not found (not part of the repository)")
 def test_real_rsna_file(server, checkpoint):
     path = sorted(RSNA_SAMPLE.glob("*.dcm"))[0]
     r = _post(server, path.read_bytes())
