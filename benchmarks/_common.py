@@ -72,6 +72,13 @@ def untrained_checkpoint(directory: Path, image_size: int) -> Path:
     return save_checkpoint(directory, model, config=config, epoch=0, metrics={})
 
 
+def add_ray_flags(parser, address_help: str = "join this Ray cluster instead of starting a local one") -> None:
+    """--num-cpus / --address (see init_ray) and --out, the same in every Ray benchmark."""
+    parser.add_argument("--num-cpus", type=int, default=local_cores(), help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--address", help=address_help)
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+
+
 def init_ray(address: str | None, num_cpus: int) -> int:
     """Start a private local Ray with `num_cpus` (never attach to another one by accident), or join `address`.
 

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 import torch
 
-from _common import emit, init_ray, input_data, local_cores, log, machine
+from _common import add_ray_flags, emit, init_ray, input_data, log, machine
 from raysys import data as rdata
 from raysys.config import AugmentConfig, DataConfig
 from raysys.labels import LABELS
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dataloader-workers", type=int, default=2)
     parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds of the per-core loops")
-    parser.add_argument("--num-cpus", type=int, default=local_cores(), help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_ray_flags(parser)
     args = parser.parse_args(argv)
 
     import ray

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from _common import emit, init_ray, input_data, local_cores, log, machine, untrained_checkpoint
+from _common import add_ray_flags, emit, init_ray, input_data, log, machine, untrained_checkpoint
 from raysys.dicom import DicomDecodeError
 from raysys.labels import LABELS
 from raysys.model import load_checkpoint, read_meta
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--actors", type=int, help="Predictor actors (default: cores - 1, at least 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
-    parser.add_argument("--num-cpus", type=int, default=local_cores(), help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_ray_flags(parser)
     args = parser.parse_args(argv)
 
     import ray

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -40,20 +39,14 @@ import ray
 import requests
 from ray import serve
 
-from _common import emit, init_ray, input_data, local_cores, log, machine, untrained_checkpoint
+from _common import add_ray_flags, emit, init_ray, input_data, log, machine, untrained_checkpoint
 from raysys.model import read_meta
-from raysys.serve import TOKEN_ENV, build_app
+from raysys.serve import TOKEN_ENV, build_app, free_port
 
 APP = "raysys-bench"
 HEADERS = {"Content-Type": "application/dicom"}
 if os.environ.get(TOKEN_ENV):  # the replicas inherit the token and will ask for it
     HEADERS["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
@@ -151,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) of the one replica")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted requests before each phase")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long per phase")
-    parser.add_argument("--num-cpus", type=int, default=local_cores(), help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--address", help="join this Ray cluster (its head must be this machine: HTTP is local)")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_ray_flags(parser, "join this Ray cluster (its head must be this machine: HTTP is local)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="raysys-bench-") as tmp:

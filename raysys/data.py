@@ -36,7 +36,7 @@ import ray
 
 from raysys.config import AugmentConfig
 from raysys.dicom import DicomDecodeError, decode
-from raysys.labels import ANY, LABELS, read_labels
+from raysys.labels import LABELS, read_labels
 from raysys.windowing import Window, parse_windows, window_pixels
 
 log = logging.getLogger(__name__)

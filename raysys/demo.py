@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,9 +129,9 @@ def serve_and_ask(best: Path, test: pd.DataFrame, n: int) -> list[dict]:
     import requests
     from ray import serve
 
-    from raysys.serve import build_app
+    from raysys.serve import build_app, free_port
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(best)), name="raysys", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/predict"
@@ -173,9 +172,3 @@ def write_report(report_dir: Path, result, test: pd.DataFrame, answers: list[dic
             caption="predicted(true): " + format_probabilities(shown["probabilities"], shown["truth"]))
     for name in sorted(p.name for p in report_dir.iterdir()):
         print(f"   {report_dir / name}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -28,6 +29,13 @@ TOKEN_ENV = "RAYSYS_API_TOKEN"  # when set, requests need `Authorization: Bearer
 DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
 
 api = FastAPI(title="raysys", description="Intracranial hemorrhage probabilities for head-CT DICOM slices")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a local Serve proxy or Ray head)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RequestError(Exception):

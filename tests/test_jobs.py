@@ -5,7 +5,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from raysys.model import build_model, read_meta, save_checkpoint
 from raysys.phantom import PhantomConfig, write_dataset
 from raysys.predict import infer
 from raysys.presets import dicom_to_image
+from raysys.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +37,14 @@ def head(tmp_path_factory):
     # to ~/.ray, and the head, its jobs and every CLI call below share it through the environment.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    dashboard = _free_port()
+    dashboard = free_port()
     temp_dir = Path("/tmp") / f"raysys-head-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-           "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", "--num-cpus=2",
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+           "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
            "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
            # Own ports for the agents too: the defaults (52365, ...) may belong to another local Ray.
-           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -134,7 +128,7 @@ def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "best", model, config=Config().replace(**{"data.image_size": 80}).to_dict(),
                                  epoch=1, metrics={"val_weighted_log_loss": 0.5})
     config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["checkpoint"] = str(checkpoint)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))

@@ -1,7 +1,6 @@
 """Ray Serve on a real local Ray: real HTTP requests to 127.0.0.1, good and bad input, the token check."""
 
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -18,16 +17,10 @@ from raysys.model import build_model, save_checkpoint
 from raysys.phantom import PhantomConfig, write_dataset
 from raysys.predict import infer
 from raysys.presets import dicom_to_image
-from raysys.serve import TOKEN_ENV, build_app
+from raysys.serve import TOKEN_ENV, build_app, free_port
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def phantom(tmp_path_factory):
 def server(ray_session, checkpoint, request):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     mp = pytest.MonkeyPatch()
     mp.setenv(TOKEN_ENV, "s3cret")  # read by build_app and handed to the replicas

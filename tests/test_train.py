@@ -1,6 +1,5 @@
 """Ray Train on a real local Ray: 2 CPU workers (gloo), tiny phantom data, checkpoints and resume."""
 
-import json
 
 import numpy as np
 import pandas as pd
