@@ -55,7 +55,7 @@ def input_data(data: Path | None, studies: int, tmp: Path) -> tuple[Path, Path |
         if not any(data.rglob("*.dcm")):
             raise SystemExit(f"no *.dcm files under {data}")
         return data, None
-    from raysys.phantom import PhantomConfig, write_dataset
+    from raysys.synthetic import PhantomConfig, write_dataset
 
     frame = write_dataset(tmp / "phantom", PhantomConfig(studies=studies, size=512, seed=0))
     log(f"wrote a phantom dataset: {len(frame)} slices of 512 x 512 in {studies} studies under {tmp / 'phantom'}")
@@ -67,7 +67,7 @@ def untrained_checkpoint(directory: Path, image_size: int) -> Path:
     from raysys.config import Config
     from raysys.model import build_model, save_checkpoint
 
-    model = build_model("none", image_size=image_size)
+    model = build_model(image_size=image_size)
     config = Config().replace(**{"data.image_size": image_size}).to_dict()
     return save_checkpoint(directory, model, config=config, epoch=0, metrics={})
 
@@ -86,13 +86,12 @@ def init_ray(address: str | None, num_cpus: int) -> int:
     """
     import ray
 
-    if address:
-        ray.init(address=address)
-    else:
-        from raysys.data import keep_worker_processes
+    from raysys import runtime
 
-        keep_worker_processes()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    if address:
+        runtime.init_ray(address)
+    else:
+        runtime.init_ray("local", num_cpus=num_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines go to stderr
     return int(ray.cluster_resources().get("CPU", 0))
 

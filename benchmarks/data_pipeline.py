@@ -33,8 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
 from _common import add_ray_flags, emit, init_ray, input_data, log, machine
+
 from raysys import data as rdata
 from raysys.config import AugmentConfig, DataConfig
 from raysys.labels import LABELS

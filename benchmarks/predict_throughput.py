@@ -1,10 +1,10 @@
 """Images/s of batch inference with raysys.predict.predict on Ray vs a plain single-process loop.
 
 Both paths go from a checkpoint folder and a folder of DICOMs to per-image probabilities, on the
-same files in the same run, each warmed up first (a predict() call on a few copied files; one
+same files in the same run, each warmed up first (a predict_folder() call on a few copied files; one
 batch through the loop):
 
-  raysys_predict  raysys.predict.predict(checkpoint, data, batch_size, actors): scan, then Ray Data
+  raysys_predict  raysys.predict.predict_folder(checkpoint, data, InferenceConfig): scan, then Ray Data
                   decode tasks feeding `actors` Predictor actors (1 CPU each, so 1 torch thread each).
                   Timed over the whole call (scan, actor start and model load included); the
                   inference stage alone is reported too (predict's own Predictions.seconds).
@@ -12,7 +12,7 @@ batch through the loop):
                   raysys.predict.infer in batches of the same size, in this process (torch's
                   default thread count: all cores). Timed from loading the checkpoint.
 
-Each predict() call starts its actors afresh (a new process imports torch and loads the model:
+Each predict_folder() call starts its actors afresh (a new process imports torch and loads the model:
 seconds), so on few files that fixed cost dominates raysys_predict_ips; raysys_marginal_ips
 estimates the rate beyond it from a second timed call on the warm-up's batch_size files:
 (images - those images) / (difference in seconds).
@@ -21,7 +21,8 @@ The two should agree: max_abs_diff is the largest probability difference over al
 (matched by image id; above 1e-4 a warning goes to stderr). Without --checkpoint an untrained
 InceptionV3 is saved at --image-size (speed does not depend on the weights); without --data a
 small 512 x 512 phantom is written. InceptionV3 at 256 px evaluates at ~30 img/s on a 2-core
-CPU: keep the file count small on CPUs or use --image-size 128. By default Ray runs locally on all cores with cores - 1 actors (one CPU
+CPU: keep the file count small on CPUs or use --image-size 128. By default Ray runs locally on
+all cores with cores - 1 actors (one CPU
 is left to the decode tasks, which could not be scheduled otherwise).
 
     .venv/bin/python benchmarks/predict_throughput.py [--data DIR] [--studies 4] [--checkpoint DIR]
@@ -39,12 +40,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from _common import add_ray_flags, emit, init_ray, input_data, log, machine, untrained_checkpoint
+
+from raysys.config import InferenceConfig
 from raysys.dicom import DicomDecodeError
+from raysys.engine import infer
 from raysys.labels import LABELS
 from raysys.model import load_checkpoint, read_meta
-from raysys.predict import infer, predict
+from raysys.predict import predict_folder
 from raysys.presets import dicom_to_image
 
 
@@ -58,7 +61,7 @@ def single_process(checkpoint: Path, paths: list[Path], batch_size: int) -> pd.D
         try:
             image, meta = dicom_to_image(path, windows, size)  # (C, S, S) uint8
         except DicomDecodeError:
-            continue  # predict() skips unreadable files too
+            continue  # predict_folder() skips unreadable files too
         ids.append(meta.image_id or path.stem)
         images.append(image)
         if len(images) == batch_size:
@@ -115,11 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
         cores = init_ray(args.address, args.num_cpus)
         actors = args.actors or max(1, cores - 1)
         log(f"{len(paths)} files, image size {image_size}, batch {args.batch_size}, {actors} actors on {cores} CPUs")
-        run = dict(batch_size=args.batch_size, actors=actors, gpus_per_actor=args.gpus_per_actor, progress=False)
+        cfg = InferenceConfig(batch_size=args.batch_size, actors=actors, gpus_per_actor=args.gpus_per_actor)
         try:
-            predict(str(checkpoint), str(warm), **run)  # warm-up: Ray worker processes, imports
-            warm_out, warm_s = timed(lambda: predict(str(checkpoint), str(warm), **run), "predict (few)")
-            ray_out, ray_s = timed(lambda: predict(str(checkpoint), str(data), **run), "raysys_predict")
+            predict_folder(str(checkpoint), str(warm), cfg, progress=False)  # warm-up: Ray worker processes, imports
+            warm_out, warm_s = timed(lambda: predict_folder(str(checkpoint), str(warm), cfg, progress=False),
+                                     "predict (few)")
+            ray_out, ray_s = timed(lambda: predict_folder(str(checkpoint), str(data), cfg, progress=False),
+                                   "raysys_predict")
         finally:
             ray.shutdown()
 

@@ -4,8 +4,8 @@ A local Serve application (raysys.serve.build_app, proxy on 127.0.0.1 and a free
 --requests POST /v1/predict requests, each a real DICOM file as the raw body, from --concurrency
 client threads (one requests.Session each), in two phases on the same bodies in the same run:
 
-  batched    build_app(checkpoint, max_batch_size=--max-batch-size, batch_wait_ms=--batch-wait-ms)
-  unbatched  build_app(checkpoint, max_batch_size=1): every request is its own forward pass
+  batched    build_app(checkpoint, ServeConfig(max_batch_size=--max-batch-size, batch_wait_ms=--batch-wait-ms))
+  unbatched  build_app(checkpoint, ServeConfig(max_batch_size=1)): every request is its own forward pass
 
 The application is deleted and deployed again between phases. Each phase first sends --warmup
 requests (not counted), then stops at --requests or after --max-seconds, whichever comes first.
@@ -32,16 +32,19 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import ray
 import requests
+from _common import add_ray_flags, emit, init_ray, input_data, log, machine, untrained_checkpoint
 from ray import serve
 
-from _common import add_ray_flags, emit, init_ray, input_data, log, machine, untrained_checkpoint
+from raysys.config import ServeConfig
 from raysys.model import read_meta
-from raysys.serve import TOKEN_ENV, build_app, free_port
+from raysys.serve import TOKEN_ENV, build_app
+from raysys.testing import free_port
 
 APP = "raysys-bench"
 HEADERS = {"Content-Type": "application/dicom"}
@@ -161,11 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
         url = f"http://127.0.0.1:{port}"
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            common = {"cpus_per_replica": args.cpus_per_replica}
-            batched, seen_b = phase("batched", build_app(str(checkpoint), max_batch_size=args.max_batch_size,
-                                                          batch_wait_ms=args.batch_wait_ms, **common), url, bodies, args)
-            unbatched, seen_u = phase("unbatched", build_app(str(checkpoint), max_batch_size=1, **common), url, bodies,
-                                      args)
+            batched_cfg = ServeConfig(cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
+                                      batch_wait_ms=args.batch_wait_ms)
+            batched, seen_b = phase("batched", build_app(str(checkpoint), batched_cfg), url, bodies, args)
+            unbatched, seen_u = phase("unbatched", build_app(str(checkpoint), replace(batched_cfg, max_batch_size=1)),
+                                      url, bodies, args)
         finally:
             serve.shutdown()
             ray.shutdown()

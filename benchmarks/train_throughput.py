@@ -1,6 +1,6 @@
 """Training images/s of the raysys InceptionV3 on one GPU: fp32 vs bf16 autocast + channels_last (+ torch.compile).
 
-Plain torch, no Ray (it runs where Ray is not installed): raysys.model.build_model("none") with
+Plain torch, no Ray (it runs where Ray is not installed): raysys.model.build_model() with
 Adam (lr 5e-4, the recipe's) and raysys.engine.WeightedBCE, on synthetic uint8 images
 (B, 3, S, S) already on the device, normalised by raysys.presets.to_model_input as training does.
 For each batch size (--batch-sizes) and mode, a fresh model runs --warmup steps, then --steps
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import emit, log, machine
+
 from raysys.engine import WeightedBCE, autocast
 from raysys.labels import LABELS
 from raysys.model import build_model
@@ -41,7 +41,7 @@ def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> floa
     """Build a fresh model for `mode`, warm up, then time args.steps steps; images per second."""
     torch.manual_seed(0)
     amp = mode != "fp32"
-    model = build_model("none", image_size=args.image_size).to(device).train()
+    model = build_model(image_size=args.image_size).to(device).train()
     if amp:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if mode == "compile" else model

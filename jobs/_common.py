@@ -9,13 +9,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the uploaded working dir holds the package; no install needed on the head
 
 
-def smoke_data(studies: int = 10, size: int = 96) -> tuple[str, str]:
+def smoke_data() -> tuple[str, str]:
     """A tiny phantom dataset in a temp folder on the node running the job: (dicoms, labels.csv)."""
-    from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
+    from raysys.testing import small_phantom
 
     out = Path(tempfile.mkdtemp(prefix="raysys-smoke-"))
-    write_dataset(out, PhantomConfig(studies=studies, slices_per_study=(4, 5), size=size, seed=0,
-                                     prevalence=DENSE_PREVALENCE))
+    small_phantom(out)
     return str(out / "dicoms"), str(out / "labels.csv")
 
 

@@ -1,4 +1,8 @@
-"""`raysys` subcommands: synth, prepare, train, tune, predict, evaluate, serve, demo."""
+"""`raysys` subcommands: synth, prepare, train, tune, predict, evaluate, serve, demo.
+
+Every default lives in raysys/config.py: a flag left out keeps the configuration's value, and
+every local path a flag names is made absolute there, once.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import json
 import logging
 import sys
 
-# Flags shared by train/tune: CLI name -> config key.
+log = logging.getLogger("raysys")
+
+# Flag tables: CLI flag -> (config key, type, help). A flag's default is always None ("keep the config's").
 RECIPE_FLAGS = {
     "--data": ("data.data", str, "folder/URI of .dcm files, or a prepared cache"),
-    "--labels": ("data.labels", str, "RSNA ID,Label CSV"),
+    "--labels": ("data.labels", str, "RSNA ID,Label CSV (local path or URI)"),
     "--windows": ("data.windows", str, "comma-separated windows, names or CENTER/WIDTH"),
     "--image-size": ("data.image_size", int, "square input size in pixels"),
     "--val-fraction": ("data.val_fraction", float, "share of patients held out for validation"),
@@ -19,7 +25,7 @@ RECIPE_FLAGS = {
     "--seed": ("data.seed", int, "seed for split, balancing and augmentation"),
     "--neg-ratio": ("data.neg_ratio", float, "negatives kept per positive each epoch"),
     "--max-error-fraction": ("data.max_error_fraction", float, "fail above this share of unreadable files"),
-    "--weights": ("model.weights", str, "none, imagenet, or a local state dict / checkpoint dir"),
+    "--weights": ("model.weights", str, "none, imagenet, or a state dict / checkpoint dir (path or URI)"),
     "--aux-logits": ("model.aux_logits", str, "true/false: InceptionV3 aux head (needs >= 299 px)"),
     "--epochs": ("train.epochs", int, "epochs"),
     "--batch-size": ("train.batch_size", int, "images per worker per step"),
@@ -28,24 +34,68 @@ RECIPE_FLAGS = {
     "--workers": ("train.workers", int, "data-parallel workers"),
     "--gpus-per-worker": ("train.gpus_per_worker", float, "GPUs per worker (0 = CPU)"),
     "--cpus-per-worker": ("train.cpus_per_worker", float, "CPUs reserved per worker"),
-    "--storage-path": ("train.storage_path", str, "local folder or s3:// URI for runs"),
+    "--storage-path": ("train.storage_path", str, "local folder or s3:// URI; the run is <storage-path>/<name>"),
     "--name": ("train.name", str, "run name; the same name resumes"),
     "--max-failures": ("train.max_failures", int, "worker-group restarts"),
-    "--amp": ("train.amp", str, "auto, bf16 or off"),
+    "--amp": ("train.amp", str, "training step precision: auto, bf16 or off"),
     "--max-steps-per-epoch": ("train.max_steps_per_epoch", int, "cap steps per epoch (smoke tests)"),
+}
+PREPARE_FLAGS = {flag: RECIPE_FLAGS[flag] for flag in
+                 ("--data", "--labels", "--windows", "--image-size", "--max-error-fraction")}
+SWEEP_FLAGS = {
+    "--storage-path": ("sweep.storage_path", str, "local folder or s3:// URI; the sweep is <storage-path>/<name>"),
+    "--name": ("sweep.name", str, "sweep name; the same name resumes"),
+    "--num-samples": ("sweep.num_samples", int, "trials"),
+    "--max-epochs": ("sweep.max_epochs", int, "epochs of a trial ASHA never stops"),
+    "--grace-period": ("sweep.grace_period", int, "epochs before ASHA may stop a trial"),
+    "--reduction-factor": ("sweep.reduction_factor", int, "ASHA keeps the best 1/rf at each rung"),
+    "--workers-per-trial": ("sweep.workers_per_trial", int, "data-parallel workers per trial (0 = --workers)"),
+    "--lr-min": ("sweep.lr_min", float, "learning rate, log-uniform from"),
+    "--lr-max": ("sweep.lr_max", float, "... to"),
+    "--decay-min": ("sweep.decay_min", float, "per-epoch decay, uniform from"),
+    "--decay-max": ("sweep.decay_max", float, "... to"),
+}
+INFERENCE_FLAGS = {
+    "--batch-size": ("batch_size", int, "images per forward pass"),
+    "--actors": ("actors", int, "model replicas in the actor pool"),
+    "--gpus": ("gpus_per_actor", float, "GPUs per actor (0 = CPU)"),
+    "--cpus-per-actor": ("cpus_per_actor", float, "CPUs (torch threads) per CPU actor"),
+    "--tta": ("tta", str, "none or hflip"),
+}
+SERVE_FLAGS = {
+    "--host": ("host", str, "interface to listen on"),
+    "--port": ("port", int, "HTTP port"),
+    "--replicas": ("replicas", int, "model replicas"),
+    "--cpus-per-replica": ("cpus_per_replica", float, "CPUs (and torch threads) per replica"),
+    "--gpus-per-replica": ("gpus_per_replica", float, "GPUs per replica"),
+    "--max-batch-size": ("max_batch_size", int, "images per micro-batch"),
+    "--batch-wait-ms": ("batch_wait_ms", float, "how long a micro-batch waits to fill"),
+    "--max-body-bytes": ("max_body_bytes", int, "largest request body"),
 }
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    parser.add_argument("--config", help="YAML config; flags override it")
+def _add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+    for flag, (key, kind, text) in table.items():
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=text,
+                            metavar=flag.lstrip("-").upper().replace("-", "_"))
+
+
+def _given(args: argparse.Namespace, table: dict) -> dict:
+    """The flags of `table` that were given: {config key: value}."""
+    return {key: getattr(args, key) for key, _, _ in table.values() if getattr(args, key, None) is not None}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *tables: dict) -> None:
+    parser.add_argument("--config", help="YAML config (sections data, augment, model, train, sweep); flags override it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")
-    for flag, (key, kind, text) in RECIPE_FLAGS.items():
-        if flag not in skip:
-            parser.add_argument(flag, dest=key, type=kind, default=None, help=text,
-                                metavar=flag.lstrip("-").upper().replace("-", "_"))
+    merged = {}
+    for table in tables:
+        merged.update(table)
+    _add_flags(parser, merged)
+    parser.set_defaults(flag_table=merged)
 
 
-def _recipe_config(args: argparse.Namespace):
+def _config(args: argparse.Namespace):
     from raysys.config import load_config
 
     overrides = {}
@@ -54,98 +104,90 @@ def _recipe_config(args: argparse.Namespace):
         if not sep:
             raise SystemExit(f"--set expects SECTION.KEY=VALUE, got {item!r}")
         overrides[key] = value
-    for key, _, _ in RECIPE_FLAGS.values():
-        value = getattr(args, key, None)
-        if value is not None:
-            overrides[key] = value
+    overrides.update(_given(args, args.flag_table))
     try:
         return load_config(args.config, overrides)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
 
 
+def _section(cls, args: argparse.Namespace, table: dict):
+    """InferenceConfig / ServeConfig from the given flags; defaults from config.py."""
+    from raysys.config import build_config
+
+    try:
+        return build_config(cls, _given(args, table), cls.__name__)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
-    from raysys.phantom import PhantomConfig, write_dataset
+    from raysys.storage import resolve
+    from raysys.synthetic import PhantomConfig, write_dataset
 
     cfg = PhantomConfig(studies=args.studies, seed=args.seed, size=args.size, quirks=args.quirks)
-    frame = write_dataset(args.out, cfg)
+    out = resolve(args.out)
+    frame = write_dataset(out, cfg)
     positives = {name: int(frame[name].sum()) for name in ("any", "epidural", "intraparenchymal",
                                                             "intraventricular", "subarachnoid", "subdural")}
-    print(json.dumps({"out": str(args.out), "slices": len(frame), "studies": args.studies, "positives": positives}))
+    print(json.dumps({"out": out, "slices": len(frame), "studies": args.studies, "positives": positives}))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    import ray
-
     from raysys.data import prepare
+    from raysys.runtime import init_ray
 
-    ray.init(address=args.address, ignore_reinit_error=True)
-    stats = prepare(
-        args.data, args.out, labels=args.labels, windows=args.windows, size=args.image_size,
-        max_error_fraction=args.max_error_fraction,
-    )
-    print(json.dumps(stats))
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    from raysys.data import keep_worker_processes
-
-    if not ray.is_initialized():
-        keep_worker_processes()
-        ray.init(address=address)
+    cfg = _config(args)
+    init_ray(args.address)
+    print(json.dumps(prepare(cfg.data, args.out)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from raysys.train import fit
+    from raysys.runtime import init_ray
+    from raysys.train import SCORE, fit
 
-    cfg = _recipe_config(args)
-    _init_ray(args.address)
+    cfg = _config(args)
+    init_ray(args.address)
     result = fit(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": result.best_checkpoint,
-                      "val_weighted_log_loss": result.best_metrics["val_weighted_log_loss"],
-                      "epochs": int(result.history["epoch"].max())}))
+    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
+                      SCORE: result.best_metrics[SCORE], "epochs": int(result.history["epoch"].max())}))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from raysys.tune import SweepConfig, sweep
+    from raysys.runtime import init_ray
+    from raysys.tune import sweep
 
-    cfg = _recipe_config(args)
-    try:
-        sweep_cfg = SweepConfig(num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
-                                lr_min=args.lr_min, lr_max=args.lr_max, decay_min=args.decay_min,
-                                decay_max=args.decay_max)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}") from None
-    if args.workers_per_trial:
-        cfg = cfg.replace(**{"train.workers": args.workers_per_trial})
-    _init_ray(args.address)
-    result = sweep(cfg, sweep_cfg, out=args.out, name=args.sweep_name)
-    print(result.trials.to_string(index=False))
-    print(json.dumps({"sweep_dir": str(result.sweep_dir), "best": str(result.best_dir)}))
+    cfg = _config(args)
+    init_ray(args.address)
+    result = sweep(cfg)
+    print(result.trials.drop(columns=["checkpoint"]).to_string(index=False))
+    print(json.dumps({"sweep_dir": result.sweep_dir, "best": result.best_dir}))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from raysys.predict import predict, submission
+    from raysys.config import InferenceConfig
+    from raysys.predict import predict_folder, submission
+    from raysys.runtime import init_ray
 
-    _init_ray(args.address)
-    preds = predict(args.checkpoint, args.data, batch_size=args.batch_size, actors=args.actors,
-                    gpus_per_actor=args.gpus, tta=args.tta, max_error_fraction=1.0)
+    cfg = _section(InferenceConfig, args, INFERENCE_FLAGS)
+    init_ray(args.address)
+    preds = predict_folder(args.checkpoint, args.data, cfg)
     frame = submission(preds, args.out, checkpoint=args.checkpoint, sample_submission=args.sample_submission,
                        allow_missing=args.allow_missing)
     rate = len(preds.frame) / preds.seconds if preds.seconds else 0.0
-    print(json.dumps({"out": str(args.out), "images": len(preds.frame), "rows": len(frame),
+    print(json.dumps({"out": args.out, "images": len(preds.frame), "rows": len(frame),
                       "unreadable": len(preds.errors), "images_per_s": round(rate, 1)}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from raysys.predict import evaluate, predict
+    from raysys.config import InferenceConfig
+    from raysys.predict import evaluate_predictions, predict_folder
+    from raysys.runtime import init_ray
 
-    _init_ray(args.address)
-    preds = predict(args.checkpoint, args.data, batch_size=args.batch_size, actors=args.actors,
-                    gpus_per_actor=args.gpus, tta=args.tta, max_error_fraction=1.0, run_dir=args.out)
-    metrics = evaluate(preds, args.labels, args.checkpoint, args.out)
+    cfg = _section(InferenceConfig, args, INFERENCE_FLAGS)
+    init_ray(args.address)
+    preds = predict_folder(args.checkpoint, args.data, cfg, run_dir=args.out)
+    metrics = evaluate_predictions(preds, args.labels, args.checkpoint, args.out)
     print(json.dumps({k: metrics[k] for k in ("n_images", "weighted_log_loss", "prior_weighted_log_loss")}))
 
 
@@ -154,27 +196,42 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from ray import serve
 
+    from raysys.config import ServeConfig
+    from raysys.runtime import init_ray
     from raysys.serve import build_app
 
-    _init_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args.checkpoint, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-                        gpus_per_replica=args.gpus_per_replica,
-                        max_batch_size=args.max_batch_size), name="raysys", route_prefix="/")
-    print(f"raysys serving {args.checkpoint} at http://{args.host}:{args.port}/v1/predict (Ctrl-C stops)", flush=True)
+    cfg = _section(ServeConfig, args, SERVE_FLAGS)
+    init_ray(args.address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(args.checkpoint, cfg), name="raysys", route_prefix="/")
+    log.info("serving %s at http://%s:%d/v1/predict (Ctrl-C stops)", args.checkpoint, cfg.host, cfg.port)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", flush=True)
+        log.info("stopping")
     finally:
         serve.shutdown()
 
 
+def _resolve_paths(args: argparse.Namespace) -> None:
+    """Paths outside the config sections (checkpoint, out, workdir, ...) are made absolute here, once."""
+    from raysys.storage import resolve
+
+    for name in ("checkpoint", "data", "out", "labels", "sample_submission", "workdir"):
+        if getattr(args, name, None):
+            setattr(args, name, resolve(getattr(args, name)))
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="raysys", description=__doc__)
+    from raysys.runtime import configure_logging, plain_output
+
+    plain_output()
+    configure_logging()
+    parser = argparse.ArgumentParser(prog="raysys", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    address = {"default": None, "help": "Ray address (default: start or join a local Ray)"}
 
     p = sub.add_parser("synth", help="write a synthetic head-CT dataset (DICOMs + labels.csv)")
     p.add_argument("out")
@@ -185,66 +242,46 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="decode + window DICOMs once into a Parquet cache")
-    p.add_argument("--data", required=True)
-    p.add_argument("--labels")
-    p.add_argument("--out", required=True)
-    p.add_argument("--windows", default="brain,subdural,soft_tissue")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--max-error-fraction", type=float, default=0.001)
-    p.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    _add_config_flags(p, PREPARE_FLAGS)
+    p.add_argument("--out", required=True, help="cache folder or URI")
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train InceptionV3 with Ray Train (resumes a run of the same name)")
-    _add_recipe_flags(p)
-    p.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    _add_config_flags(p, RECIPE_FLAGS)
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="sweep lr and decay with Ray Tune (ASHA); export the best checkpoint")
-    _add_recipe_flags(p, skip=("--name", "--epochs", "--lr", "--decay"))
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--max-epochs", type=int, default=8)
-    p.add_argument("--grace-period", type=int, default=1)
-    p.add_argument("--workers-per-trial", type=int, default=None)
-    p.add_argument("--lr-min", type=float, default=1e-5)
-    p.add_argument("--lr-max", type=float, default=3e-3)
-    p.add_argument("--decay-min", type=float, default=0.5)
-    p.add_argument("--decay-max", type=float, default=1.0)
-    p.add_argument("--out", default="runs/sweeps", help="folder of sweeps")
-    p.add_argument("--name", dest="sweep_name", default="sweep", help="sweep name; the same name resumes")
-    p.add_argument("--address", default=None)
+    recipe = {k: v for k, v in RECIPE_FLAGS.items() if k not in ("--name", "--storage-path", "--epochs", "--lr",
+                                                                   "--decay")}
+    _add_config_flags(p, recipe, SWEEP_FLAGS)
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_tune)
 
-    def inference_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. a sweep's best/)")
+    def inference_parser(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="checkpoint directory or URI (e.g. a sweep's best/)")
         p.add_argument("--data", required=True, help="folder/URI of .dcm files")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--actors", type=int, default=1, help="model replicas in the actor pool")
-        p.add_argument("--gpus", type=float, default=0.0, help="GPUs per actor (0 = CPU)")
-        p.add_argument("--tta", choices=["none", "hflip"], default="none")
-        p.add_argument("--address", default=None)
+        _add_flags(p, INFERENCE_FLAGS)
+        p.add_argument("--address", **address)
+        return p
 
-    p = sub.add_parser("predict", help="score a folder of DICOMs into a Kaggle submission")
-    inference_flags(p)
+    p = inference_parser("predict", "score a folder of DICOMs into a Kaggle submission")
     p.add_argument("--out", required=True, help="submission CSV")
     p.add_argument("--sample-submission", help="Kaggle sample CSV: output has exactly its IDs, in its order")
     p.add_argument("--allow-missing", action="store_true", help="fill unreadable/missing images with the prior")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="metrics.json, roc.png and calibration.png on labelled data")
-    inference_flags(p)
+    p = inference_parser("evaluate", "metrics.json, roc.png and calibration.png on labelled data")
     p.add_argument("--labels", required=True)
     p.add_argument("--out", default="evaluation", help="report folder")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="host a checkpoint behind HTTP with Ray Serve")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (and torch threads) per replica")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--address", default=None)
+    _add_flags(p, SERVE_FLAGS)
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the whole system on built-in synthetic data")
@@ -254,7 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=lambda a: __import__("raysys.demo", fromlist=["main"]).main(a))
 
     args = parser.parse_args(argv)
-    args.func(args)
+    _resolve_paths(args)
+    from raysys.config import InputError
+
+    try:
+        args.func(args)
+    except InputError as e:  # the user's input, not a bug: the message says what and how to fix it
+        log.error("%s", e)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

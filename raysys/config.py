@@ -10,12 +10,27 @@ from pathlib import Path
 
 import yaml
 
+from raysys import storage
+from raysys.windowing import DEFAULT_WINDOWS, format_windows
+
+
+class InputError(Exception):
+    """What the user gave (a flag, a file, weights, data) cannot work; the message says what and how to fix it.
+
+    The CLI prints it as one line without a traceback."""
+
+
+def _resolve_fields(obj, *names: str) -> None:
+    """Make the named path fields of a frozen config absolute (URIs untouched): the one place paths are resolved."""
+    for name in names:
+        object.__setattr__(obj, name, storage.resolve(getattr(obj, name)))
+
 
 @dataclass(frozen=True)
 class DataConfig:
     data: str = ""  # folder or URI (s3://, gs://, NFS path) of .dcm files, or a prepared cache
     labels: str = ""  # RSNA `ID,Label` CSV; empty for inference data
-    windows: str = "brain,subdural,soft_tissue"  # the reference recipe's three channels
+    windows: str = format_windows(DEFAULT_WINDOWS)  # brain, subdural, soft tissue: the reference recipe
     image_size: int = 256  # the reference recipe's 256 x 256
     val_fraction: float = 0.1  # share of patients held out when folds == 0
     folds: int = 0  # k > 0: split patients into k folds and validate on `fold`
@@ -26,6 +41,7 @@ class DataConfig:
     decode_cpus: float = 0.25  # CPUs reserved per decode task; small so 2-core machines still schedule
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "data", "labels")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
@@ -70,6 +86,10 @@ class ModelConfig:
     aux_logits: bool = False  # torchvision's aux head needs >= 299 px input; the recipe uses 256
     aux_weight: float = 0.4  # weight of the aux loss when aux_logits is on (torchvision's recipe)
 
+    def __post_init__(self) -> None:
+        if self.weights.lower() not in ("none", "imagenet"):
+            _resolve_fields(self, "weights")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -88,12 +108,46 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = a full pass; > 0 caps steps (smoke tests)
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "storage_path")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
-            raise ValueError(f"train.epochs, batch_size and workers must be >= 1, got {self.epochs}, {self.batch_size}, {self.workers}")
+            raise ValueError(f"train.epochs, batch_size and workers must be >= 1, "
+                             f"got {self.epochs}, {self.batch_size}, {self.workers}")
         if self.lr <= 0 or not 0 < self.decay <= 1:
             raise ValueError(f"train.lr must be > 0 and decay in (0, 1], got {self.lr}, {self.decay}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune over whole training runs; a sweep lives in `<storage_path>/<name>/`, its trials' runs under `trials/`."""
+
+    storage_path: str = "runs"  # local folder or s3:// URI; the sweep's one location
+    name: str = "sweep"  # a relaunch with the same name resumes the sweep
+    num_samples: int = 4  # trials drawn from the search space
+    max_epochs: int = 8  # epochs of a trial that ASHA never stops (the recipe's 8)
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: int = 2  # ASHA keeps the best 1/rf of trials at each rung
+    lr_min: float = 1e-5  # log-uniform learning-rate bounds around the recipe's 5e-4
+    lr_max: float = 3e-3
+    decay_min: float = 0.5  # uniform per-epoch decay bounds around the recipe's 0.8
+    decay_max: float = 1.0
+    workers_per_trial: int = 0  # 0: train.workers
+    max_trial_failures: int = 1  # retries of a crashed trial driver (Tune's FailureConfig)
+    seed: int = 0  # search-space sampling
+
+    def __post_init__(self) -> None:
+        _resolve_fields(self, "storage_path")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError(f"sweep.lr_min/lr_max: need 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
+        if not 0 < self.decay_min <= self.decay_max <= 1:
+            raise ValueError(f"sweep.decay_min/decay_max: need 0 < min <= max <= 1, got {self.decay_min}, {self.decay_max}")
+        if self.num_samples < 1 or self.max_epochs < 1 or not 1 <= self.grace_period <= self.max_epochs:
+            raise ValueError("sweep: need num_samples >= 1, max_epochs >= 1 and 1 <= grace_period <= max_epochs, got "
+                             f"{self.num_samples}, {self.max_epochs}, {self.grace_period}")
+        if self.reduction_factor < 2 or self.workers_per_trial < 0:
+            raise ValueError(f"sweep: need reduction_factor >= 2 and workers_per_trial >= 0, got "
+                             f"{self.reduction_factor}, {self.workers_per_trial}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +156,12 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.aux_logits and self.data.image_size < 299:
+            raise ValueError(f"model.aux_logits needs data.image_size >= 299 (torchvision's aux head), "
+                             f"got {self.data.image_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +169,44 @@ class Config:
     def replace(self, **overrides) -> Config:
         """Copy with `section.key` overrides, e.g. replace(**{"train.lr": 1e-3})."""
         return from_dict(self.to_dict(), overrides)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Batch inference (`raysys predict` / `evaluate`): an actor pool over Ray Data."""
+
+    batch_size: int = 32  # images per forward pass
+    actors: int = 1  # model replicas in the actor pool
+    gpus_per_actor: float = 0.0  # 0 = CPU
+    cpus_per_actor: float = 1.0  # a CPU actor's torch threads
+    tta: str = "none"  # "hflip" averages a mirrored pass
+    max_error_fraction: float = 1.0  # inference scores what it can; unreadable files are listed, not fatal
+
+    def __post_init__(self) -> None:
+        if self.tta not in ("none", "hflip"):
+            raise ValueError(f"inference.tta must be none or hflip, got {self.tta!r}")
+        if self.batch_size < 1 or self.actors < 1:
+            raise ValueError(f"inference.batch_size and actors must be >= 1, got {self.batch_size}, {self.actors}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP endpoint (`raysys serve`, `serve run raysys.serve:app`)."""
+
+    host: str = "127.0.0.1"  # loopback unless asked: Serve has no authentication of its own
+    port: int = 8000  # Serve's default
+    replicas: int = 1
+    cpus_per_replica: float = 1.0  # also the replica's torch threads on CPU
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 16  # images per micro-batch
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+    max_body_bytes: int = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.max_batch_size < 1 or self.max_body_bytes < 1:
+            raise ValueError("serve: replicas, max_batch_size and max_body_bytes must be >= 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"serve.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
 def _coerce(value, annotation, where: str):
@@ -146,7 +244,8 @@ def _coerce(value, annotation, where: str):
     raise ValueError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def _build(cls, values: dict, where: str):
+def build_config(cls, values: dict, where: str = ""):
+    """A config dataclass (Config, InferenceConfig, ServeConfig, ...) from a dict; unknown keys and bad types raise."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -155,7 +254,7 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, f"{where}.{key}" if where else key)
+            kwargs[key] = build_config(hints[key], value or {}, f"{where}.{key}" if where else key)
         else:
             kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
@@ -169,21 +268,23 @@ def from_dict(values: dict, overrides: dict | None = None) -> Config:
         if not key:
             raise ValueError(f"override {dotted!r} must look like section.key")
         merged.setdefault(section, {})[key] = value
-    return _build(Config, merged, "")
+    return build_config(Config, merged, "")
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """YAML file first (optional), then `section.key` overrides (CLI flags)."""
+    """YAML file first (optional, local or URI), then `section.key` overrides (CLI flags)."""
     values = {}
     if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        values = yaml.safe_load(storage.read_text(path)) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
     return from_dict(values, overrides)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, written beside every run, sweep and checkpoint."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config beside a run or checkpoint."""
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    storage.write_text(path, config_yaml(cfg))

@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,16 @@ import numpy as np
 import pandas as pd
 import ray
 
-from raysys.config import AugmentConfig
+from raysys import storage
+from raysys.config import AugmentConfig, DataConfig, InputError
 from raysys.dicom import DicomDecodeError, decode
-from raysys.labels import LABELS, read_labels
+from raysys.labels import ANY, LABELS, read_labels
 from raysys.windowing import Window, parse_windows, window_pixels
 
 log = logging.getLogger(__name__)
+
+_DATA = DataConfig()  # the defaults of every keyword below come from the one configuration
+PROGRESS_EVERY_S = 10.0  # one progress line per interval for long scans, never a redrawn bar
 
 META_COLUMNS = ["image_id", "path", "patient_id", "study_id", "series_id", "z"]
 ERROR_COLUMNS = ["image_id", "path", "reason"]
@@ -47,20 +52,7 @@ CACHE_MARKER = "raysys-cache.json"  # written last by prepare(); its presence ma
 FILES_PER_TASK = 32  # DICOMs per read+decode task: ~16 MiB read, ~15 ms of decoding
 
 
-def keep_worker_processes() -> None:
-    """Call before starting a local Ray: keep enough idle worker processes for fractional-CPU tasks.
-
-    Ray keeps about one idle worker process per CPU and ends the others after a second of idling.
-    Decode tasks take `decode_cpus` (0.25) each, so several run per CPU; with Ray's default every
-    burst of them started fresh processes that import raysys again, which cost more than the
-    decoding (1,054 slices: 84 img/s with the default, 399 img/s with this, 2 cores). A cluster
-    started with `ray start` gets the same through the RAY_num_workers_soft_limit environment
-    variable (cluster.yaml sets it).
-    """
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * (os.cpu_count() or 1)))
-
-
-class DataError(RuntimeError):
+class DataError(InputError, RuntimeError):
     """The data as a whole cannot be used (too many bad files, missing labels, ...)."""
 
 
@@ -82,8 +74,8 @@ class Scan:
 
 
 def is_cache(data: str) -> bool:
-    """True when `data` is a folder written by prepare() (local paths only; URIs are never auto-detected)."""
-    return "://" not in data and (Path(data) / CACHE_MARKER).is_file()
+    """True when `data` (a local folder or a URI) was written by prepare()."""
+    return storage.is_file(storage.join(data, CACHE_MARKER))
 
 
 def _image_id_from_path(path: str) -> str:
@@ -140,14 +132,29 @@ def _decoded(paths, windows, size, decode_cpus, strict) -> ray.data.Dataset:
 # --- scan: the index of usable images and the error records -------------------------------
 
 
+def _collect(ds: ray.data.Dataset, what: str) -> pd.DataFrame:
+    """Run a small-rowed dataset to a frame, logging one progress line per PROGRESS_EVERY_S and one at the end."""
+    parts, rows, start = [], 0, time.perf_counter()
+    shown = start
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        parts.append(batch)
+        rows += len(batch)
+        if time.perf_counter() - shown > PROGRESS_EVERY_S:
+            shown = time.perf_counter()
+            log.info("%s: %d files so far, %.0f files/s", what, rows, rows / (shown - start))
+    seconds = time.perf_counter() - start
+    log.info("%s: %d files in %.1fs (%.0f files/s)", what, rows, seconds, rows / seconds if seconds else 0.0)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*META_COLUMNS, "error"])
+
+
 def scan(
     data: str,
     labels: str | None = None,
     *,
     training: bool = True,
-    max_error_fraction: float = 0.001,
-    run_dir: str | Path | None = None,
-    decode_cpus: float = 0.25,
+    max_error_fraction: float = _DATA.max_error_fraction,
+    run_dir: str | None = None,
+    decode_cpus: float = _DATA.decode_cpus,
 ) -> Scan:
     """Index every image under `data` (DICOM folder/URI or prepared cache) and record bad files.
 
@@ -155,16 +162,14 @@ def scan(
     (`training=True`) an image without a label row is an error naming it.
     Errors go to `run_dir/errors.csv` and one summary log line.
     """
+    data = storage.resolve(data)
     if is_cache(data):
-        frame = ray.data.read_parquet(data, columns=[*META_COLUMNS, "error"], num_cpus=decode_cpus).to_pandas()
-        source = "cache"
+        ds = ray.data.read_parquet(data, columns=[*META_COLUMNS, "error"], num_cpus=decode_cpus)
+        frame, source = _collect(ds, f"scan {data} (cache)"), "cache"
     else:
-        frame = (
-            _decoded(data, None, 0, decode_cpus, strict=False)
-            .select_columns([*META_COLUMNS, "error"], num_cpus=decode_cpus)
-            .to_pandas()
-        )
-        source = "dicom"
+        ds = _decoded(data, None, 0, decode_cpus, strict=False).select_columns([*META_COLUMNS, "error"],
+                                                                               num_cpus=decode_cpus)
+        frame, source = _collect(ds, f"scan {data}"), "dicom"
     if frame.empty:
         raise DataError(f"{data}: no .dcm files found")
     text = [c for c in frame.columns if c != "z"]
@@ -199,14 +204,13 @@ def _attach_labels(index: pd.DataFrame, table: pd.DataFrame, labels: str, traini
     return joined
 
 
-def report_errors(result: Scan, max_error_fraction: float, run_dir: str | Path | None) -> None:
+def report_errors(result: Scan, max_error_fraction: float, run_dir: str | None) -> None:
     """errors.csv in the run directory, one summary log line, and the max_error_fraction gate."""
     n_bad, total = len(result.errors), result.total
     where = ""
     if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(run_dir) / "errors.csv"
-        result.errors.to_csv(path, index=False)
+        path = storage.join(run_dir, "errors.csv")
+        storage.write_text(path, result.errors.to_csv(index=False))
         where = f" (listed in {path})"
     if n_bad:
         reasons = result.errors["reason"].str.split(": ", n=1).str[-1].str.split(" \\(").str[0]
@@ -229,7 +233,12 @@ def group_ids(index: pd.DataFrame) -> pd.Series:
 
 
 def fold_of_groups(index: pd.DataFrame, folds: int, seed: int) -> pd.Series:
-    """Assign each group (patient) to one of `folds` folds, stratified on whether it has any bleed."""
+    """Assign each group (patient) to one of `folds` folds, stratified on whether it has any bleed.
+
+    Patients with a bleed are dealt round-robin from fold 0, so fold 0 (the single split's
+    validation side) holds one whenever two or more patients have one, and every fold does
+    when at least `folds` of them do; the other patients start at a seeded random fold.
+    """
     groups = group_ids(index)
     positive = index["any"].groupby(groups).max() > 0 if "any" in index else pd.Series(False, index=groups.unique())
     rng = np.random.default_rng(seed)
@@ -237,7 +246,8 @@ def fold_of_groups(index: pd.DataFrame, folds: int, seed: int) -> pd.Series:
     for flag in (True, False):
         members = np.array(sorted(positive.index[positive == flag]))
         rng.shuffle(members)
-        offset = int(rng.integers(folds))
+        # A single patient with a bleed goes to fold 1: training keeps it (validation could not use it alone).
+        offset = (1 if len(members) == 1 else 0) if flag else int(rng.integers(folds))
         assignment.update({g: (i + offset) % folds for i, g in enumerate(members)})
     return groups.map(assignment)
 
@@ -257,6 +267,11 @@ def split_by_patient(
         assigned = fold_of_groups(index, max(2, round(1 / val_fraction)), seed)
         held = assigned == 0
     return index[~held], index[held]
+
+
+def degenerate_validation(val: pd.DataFrame) -> bool:
+    """True when the validation side has no image with a bleed: its score then only measures negatives."""
+    return len(val) == 0 or int((val[LABELS[ANY]] == 1).sum()) == 0
 
 
 def balance(train: pd.DataFrame, *, epoch: int, seed: int = 0, neg_ratio: float = 1.0) -> pd.DataFrame:
@@ -311,10 +326,10 @@ def image_dataset(
     index: pd.DataFrame,
     source: Scan | str,
     *,
-    windows: str | Iterable[Window] = "brain,subdural,soft_tissue",
-    size: int = 256,
+    windows: str | Iterable[Window] = _DATA.windows,
+    size: int = _DATA.image_size,
     with_labels: bool = True,
-    decode_cpus: float = 0.25,
+    decode_cpus: float = _DATA.decode_cpus,
 ) -> ray.data.Dataset:
     """Stream the images of `index` as rows `image` (uint8 (C, S, S)), `image_id` and `label` (float32 (6,)).
 
@@ -389,7 +404,8 @@ def image_seed(seed: int, epoch: int, image_id: str) -> int:
     return int(mixed.generate_state(1)[0])
 
 
-def augment_dataset(ds: ray.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: int, decode_cpus: float = 0.25):
+def augment_dataset(ds: ray.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: int,
+                    decode_cpus: float = _DATA.decode_cpus):
     """Add train-side augmentation, run on the data workers."""
     return ds.map_batches(
         _augment_batch, fn_kwargs={"cfg": cfg, "seed": seed, "epoch": epoch}, batch_format="numpy", num_cpus=decode_cpus
@@ -399,46 +415,37 @@ def augment_dataset(ds: ray.data.Dataset, cfg: AugmentConfig, *, seed: int, epoc
 # --- the preprocessed cache ----------------------------------------------------------------
 
 
-def prepare(
-    data: str,
-    out: str | Path,
-    *,
-    labels: str | None = None,
-    windows: str | Iterable[Window] = "brain,subdural,soft_tissue",
-    size: int = 256,
-    max_error_fraction: float = 0.001,
-    decode_cpus: float = 0.25,
-) -> dict:
-    """Decode and window every DICOM once into Parquet shards under `out`; returns size statistics.
+def prepare(cfg: DataConfig, out: str) -> dict:
+    """Decode and window every DICOM of `cfg.data` once into Parquet shards under `out`; returns size statistics.
 
     Rows keep their error records (empty image, reason) so scan() of the cache
-    reports the same bad files. labels.csv is copied in when given.
+    reports the same bad files. The labels CSV (cfg.labels) is copied in when given.
     """
-    windows = parse_windows(windows)
-    out = Path(out)
-    if labels:
-        read_labels(labels)  # fail early on a bad CSV, before hours of decoding
-    _decoded(data, windows, size, decode_cpus, strict=False).write_parquet(str(out), ray_remote_args={"num_cpus": decode_cpus})
-    frame = pd.read_parquet(out, columns=["image_id", "path", "error"]).astype(str)
+    windows = parse_windows(cfg.windows)
+    out = storage.resolve(out)
+    labels = read_labels(cfg.labels) if cfg.labels else None  # fail early on a bad CSV, before hours of decoding
+    _decoded(cfg.data, windows, cfg.image_size, cfg.decode_cpus, strict=False).write_parquet(
+        out, ray_remote_args={"num_cpus": cfg.decode_cpus})
+    frame = ray.data.read_parquet(out, columns=["image_id", "path", "error"]).to_pandas().astype(str)
     dicom_bytes = _total_size(frame["path"])
-    cache_bytes = sum(f.stat().st_size for f in out.glob("*.parquet"))
+    cache_bytes = storage.tree_size(out)
     good = int((frame["error"] == "").sum())
     stats = {
         "images": good,
         "errors": int(len(frame) - good),
         "windows": [(w.center, w.width) for w in windows],
-        "size": size,
+        "size": cfg.image_size,
         "dicom_bytes": dicom_bytes,
         "cache_bytes": cache_bytes,
         "dicom_bytes_per_image": dicom_bytes / max(len(frame), 1),
         "cache_bytes_per_image": cache_bytes / max(good, 1),
     }
-    if labels:
-        (out / "labels.csv").write_bytes(Path(labels).read_bytes())
+    if labels is not None:
+        storage.write_bytes(storage.join(out, "labels.csv"), storage.read_bytes(cfg.labels))
     bad = frame["error"] != ""
     errors = frame.loc[bad, ["image_id", "path", "error"]].rename(columns={"error": "reason"})
-    report_errors(Scan(frame[~bad], errors, "cache", str(out)), max_error_fraction, out)
-    (out / CACHE_MARKER).write_text(json.dumps(stats, indent=2))
+    report_errors(Scan(frame[~bad], errors, "cache", out), cfg.max_error_fraction, out)
+    storage.write_text(storage.join(out, CACHE_MARKER), json.dumps(stats, indent=2))
     return stats
 
 
@@ -454,7 +461,7 @@ def _total_size(paths: pd.Series) -> int:
 
 
 def _check_cache(data: str, windows: tuple[Window, ...], size: int) -> None:
-    stats = json.loads((Path(data) / CACHE_MARKER).read_text())
+    stats = json.loads(storage.read_text(storage.join(data, CACHE_MARKER)))
     have = [tuple(w) for w in stats["windows"]]
     want = [(w.center, w.width) for w in windows]
     if have != want or stats["size"] != size:

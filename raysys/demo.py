@@ -7,7 +7,6 @@ batch inference + evaluation on held-out studies -> Serve + real HTTP requests -
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import pandas as pd
 
 from raysys.labels import LABELS
 from raysys.report import format_probabilities
+from raysys.storage import to_json
 
 # Demo defaults: small enough for 10 minutes on 2 CPU cores, large enough to beat the prior.
 STUDIES = 40  # training studies (~700 slices); held-out test studies are a fifth of that
@@ -42,9 +42,11 @@ def stage(number: int, total: int, name: str):
 
 def main(args: argparse.Namespace) -> None:
     try:
-        run(Path(args.workdir), studies=args.studies or STUDIES, image_size=args.image_size or IMAGE_SIZE)
+        summary = run(Path(args.workdir), studies=args.studies or STUDIES, image_size=args.image_size or IMAGE_SIZE)
     except StageError as e:
         raise SystemExit(str(e)) from None
+    if summary["held_out_weighted_log_loss"] >= summary["prior_weighted_log_loss"]:
+        raise SystemExit("demo failed: the model does not beat the prior baseline on the held-out studies")
 
 
 def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, trials: int = 2,
@@ -53,10 +55,12 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
     import ray
 
     from raysys.config import Config
-    from raysys.phantom import RSNA_PREVALENCE, PhantomConfig, write_dataset
-    from raysys.predict import evaluate, predict, submission
-    from raysys.tune import SweepConfig, sweep
+    from raysys.predict import evaluate_predictions, predict_folder, submission
+    from raysys.runtime import init_ray
+    from raysys.synthetic import RSNA_PREVALENCE, PhantomConfig, write_dataset
+    from raysys.tune import sweep
 
+    workdir = workdir.resolve()
     began = time.perf_counter()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -73,12 +77,10 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
         print(f"   {len(train)} training slices ({int(train['any'].sum())} with a bleed), {len(test)} held-out")
 
     with stage(2, total, "start a local Ray"):
-        if not ray.is_initialized():
-            from raysys.data import keep_worker_processes
-
-            keep_worker_processes()
-            ray.init()
-        print(f"   resources: {ray.cluster_resources()}")
+        init_ray()
+        resources = ray.cluster_resources()
+        print(f"   {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
+              f"{resources.get('object_store_memory', 0) / 2**30:.1f} GiB object store")
 
     with stage(3, total, f"Ray Tune: {trials} trials of Ray Train (InceptionV3 at {image_size} px), ASHA"):
         cfg = Config().replace(**{
@@ -87,18 +89,20 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
             "data.image_size": image_size, "data.val_fraction": 0.2,
             "model.weights": "none",  # no downloads here; pass ImageNet weights on a real cluster
             "train.batch_size": 16, "train.workers": 1, "train.cpus_per_worker": 0.5,
+            "sweep.storage_path": str(workdir), "sweep.name": "sweep", "sweep.num_samples": trials,
+            "sweep.max_epochs": max_epochs, "sweep.grace_period": 1, "sweep.lr_min": 3e-4, "sweep.lr_max": 3e-3,
+            "sweep.decay_min": 0.7, "sweep.decay_max": 1.0,
         })
-        sweep_cfg = SweepConfig(num_samples=trials, max_epochs=max_epochs, grace_period=1, lr_min=3e-4, lr_max=3e-3,
-                                decay_min=0.7, decay_max=1.0)
-        result = sweep(cfg, sweep_cfg, out=workdir, name="sweep")
+        result = sweep(cfg)
         print(result.trials[["trial", "lr", "decay", "epochs_run", "best_val_weighted_log_loss", "stopped_early"]]
               .to_string(index=False))
 
-    best = result.best_dir
+    best = Path(result.best_dir)
     with stage(4, total, "batch inference and evaluation on the held-out studies"):
-        preds = predict(str(best), str(workdir / "data" / "test" / "dicoms"), batch_size=32, run_dir=workdir / "predict")
-        submission(preds, workdir / "submission.csv", checkpoint=str(best))
-        metrics = evaluate(preds, str(workdir / "data" / "test" / "labels.csv"), str(best), report_dir)
+        preds = predict_folder(str(best), str(workdir / "data" / "test" / "dicoms"), run_dir=str(workdir / "predict"))
+        submission(preds, str(workdir / "submission.csv"), checkpoint=str(best))
+        metrics = evaluate_predictions(preds, str(workdir / "data" / "test" / "labels.csv"), str(best),
+                                       str(report_dir))
         print(f"   held-out weighted log loss {metrics['weighted_log_loss']:.4f}  "
               f"(prior baseline {metrics['prior_weighted_log_loss']:.4f}) on {metrics['n_images']} slices")
 
@@ -117,8 +121,8 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
         "wall_s": round(time.perf_counter() - began, 1),
     }
     with stage(7, total, "summary"):
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps(summary, indent=2))
+        (workdir / "summary.json").write_text(to_json(summary))
+        print(to_json(summary))
         verdict = "beats" if summary["held_out_weighted_log_loss"] < summary["prior_weighted_log_loss"] else "DOES NOT beat"
         print(f"   the model {verdict} the prior baseline on held-out studies")
     return summary
@@ -129,7 +133,8 @@ def serve_and_ask(best: Path, test: pd.DataFrame, n: int) -> list[dict]:
     import requests
     from ray import serve
 
-    from raysys.serve import build_app, free_port
+    from raysys.serve import build_app
+    from raysys.testing import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -156,16 +161,15 @@ def serve_and_ask(best: Path, test: pd.DataFrame, n: int) -> list[dict]:
 
 
 def write_report(report_dir: Path, result, test: pd.DataFrame, answers: list[dict], best: Path) -> None:
+    from raysys.model import read_meta
     from raysys.presets import dicom_to_image
-    from raysys.report import preview
+    from raysys.report import curves, preview
     from raysys.windowing import parse_windows
 
-    from raysys.report import curves
-
-    meta = json.loads((best / "meta.json").read_text())
+    meta = read_meta(best)
     # The best checkpoint carries its run's history, even when ASHA stopped that trial early.
     curves(report_dir / "curves.png", pd.DataFrame(meta["metrics"]["history"]))
-    shutil.copy(result.sweep_dir / "sweep.png", report_dir / "sweep.png")
+    shutil.copy(Path(result.sweep_dir) / "sweep.png", report_dir / "sweep.png")
     shown = answers[0]
     image, _ = dicom_to_image(shown["path"], meta["windows"], 256)
     preview(report_dir / "preview.png", image, parse_windows(meta["windows"]), title=shown["image_id"],

@@ -1,4 +1,4 @@
-"""train_one_epoch / evaluate in plain torch: the weighted loss, mixed precision, channels_last."""
+"""train_one_epoch, and the one forward pass of validation, batch predict and Serve, in plain torch."""
 
 from __future__ import annotations
 
@@ -38,10 +38,30 @@ def use_amp(setting: str, device: torch.device) -> bool:
     return setting == "bf16" or (setting == "auto" and device.type == "cuda")
 
 
-def _inputs(batch: dict, model: nn.Module, device: torch.device) -> torch.Tensor:
+# The one precision policy of inference (validation, batch predict and Serve alike), so a served number
+# is the validated number: bf16 autocast + channels_last on CUDA, fp32 NCHW on CPU.
+INFERENCE_AMP = "auto"
+
+
+def _inputs(images: torch.Tensor | np.ndarray, model: nn.Module, device: torch.device) -> torch.Tensor:
+    """(B, C, S, S) uint8 -> the model's normalised float input on `device` (channels_last on CUDA)."""
     contract = unwrap(model).contract
-    x = to_model_input(batch["image"].to(device, non_blocking=True), contract.mean, contract.std)
+    x = to_model_input(torch.as_tensor(images).to(device, non_blocking=True), contract.mean, contract.std)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.inference_mode()
+def infer(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.device, *, tta: str = "none") -> np.ndarray:
+    """Sigmoid probabilities (B, 6) float32 for uint8 images (B, C, S, S) and a model in eval mode.
+
+    The one forward pass of validation, batch predict and Serve. tta="hflip" averages a mirrored pass.
+    """
+    x = _inputs(images, model, device)
+    with autocast(device, use_amp(INFERENCE_AMP, device)):
+        p = torch.sigmoid(model(x).float())
+        if tta == "hflip":
+            p = (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float())) / 2
+    return p.cpu().numpy()
 
 
 def train_one_epoch(
@@ -67,7 +87,7 @@ def train_one_epoch(
             # rank meets this last one-image batch at the same step and DDP stays in step.
             skipped += 1
             continue
-        x, y = _inputs(batch, model, device), batch["label"].to(device, non_blocking=True)
+        x, y = _inputs(batch["image"], model, device), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
         if isinstance(out, tuple):  # InceptionOutputs(logits, aux_logits) when the aux head is on
@@ -90,15 +110,12 @@ def train_one_epoch(
             "train_skipped_batches": skipped}
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, batches: Iterable[dict], device: torch.device, *, amp: bool = False) -> dict:
-    """Sigmoid probabilities for every row of `batches`, with the ids and labels they came with."""
+def score_batches(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:
+    """Probabilities for every row of `batches` (through `infer`), with the ids and labels they came with."""
     model.eval()
     probs, labels, ids = [], [], []
     for batch in batches:
-        with autocast(device, amp):
-            logits = model(_inputs(batch, model, device))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(infer(model, batch["image"], device))
         if "label" in batch:
             labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
         if "image_id" in batch:
@@ -109,19 +126,25 @@ def predict(model: nn.Module, batches: Iterable[dict], device: torch.device, *, 
     return out
 
 
-def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device, *, amp: bool = False) -> dict:
-    """Validation metrics: the competition score, per-class log loss and per-class AUC."""
+def validate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:
+    """Validation metrics: the competition score, per-class log loss and AUC, and the positives seen.
+
+    `val_degenerate` is 1 when no validation image has a bleed (`any` = 0 everywhere): the score
+    then measures only how confidently negatives are called negative.
+    """
     start = time.perf_counter()
-    out = predict(model, batches, device, amp=amp)
+    out = score_batches(model, batches, device)
     y, p = out["labels"], out["probabilities"]
+    positives = int(y[:, LABELS.index("any")].sum())
+    counts = {"val_images": int(len(y)), "val_positives": positives, "val_degenerate": int(positives == 0)}
     if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
         return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": dict.fromkeys(LABELS, float("inf")),
-                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), "val_images": int(len(y)),
+                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), **counts,
                 "val_seconds": time.perf_counter() - start}
     return {
         "val_weighted_log_loss": weighted_log_loss(y, p),
         "val_per_class_log_loss": per_class_log_loss(y, p),
         "val_per_class_auc": per_class_auc(y, p),
-        "val_images": int(len(y)),
+        **counts,
         "val_seconds": time.perf_counter() - start,
     }

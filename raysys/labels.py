@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raysys import storage
+
 # The one canonical label order: model outputs, label arrays and metrics all use it.
 LABELS: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 ANY = LABELS.index("any")
@@ -19,7 +21,12 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     Exact duplicate rows are dropped (RSNA stage 2 train has a few); conflicting
     duplicates, unknown subtypes, missing subtypes and labels other than 0/1 raise.
     """
-    df = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    try:
+        df = pd.read_csv(storage.open_bytes(path), dtype={"ID": str, "Label": str})
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: not a CSV file ({e})") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file; expected an ID,Label CSV") from None
     if list(df.columns[:2]) != ["ID", "Label"]:
         raise ValueError(f"{path}: expected columns ID,Label, got {list(df.columns)}")
     df = df[["ID", "Label"]]
@@ -104,7 +111,7 @@ def write_submission(
 ) -> pd.DataFrame:
     """Write the Kaggle submission CSV (see submission_frame) and return its frame."""
     frame = submission_frame(image_ids, probabilities, sample_ids)
-    frame.to_csv(path, index=False, float_format="%.6g")
+    storage.write_text(path, frame.to_csv(index=False, float_format="%.6g"))
     return frame
 
 
@@ -114,8 +121,6 @@ def sample_image_ids(sample_ids: Sequence[str]) -> list[str]:
 
 
 def _write_long(path: str | Path, ids: np.ndarray, values: np.ndarray, fmt: str) -> None:
-    with open(path, "w") as f:
-        f.write("ID,Label\n")
-        for image, row in zip(ids, values):
-            for name, value in zip(LABELS, row):
-                f.write(f"{image}_{name},{fmt % value}\n")
+    lines = ["ID,Label"] + [f"{image}_{name},{fmt % value}" for image, row in zip(ids, values)
+                            for name, value in zip(LABELS, row)]
+    storage.write_text(path, "\n".join(lines) + "\n")

@@ -56,7 +56,7 @@ def prior(y_train: np.ndarray) -> np.ndarray:
     return y_train.mean(axis=0)
 
 
-def report(y_true: np.ndarray, y_pred: np.ndarray, y_train: np.ndarray | None = None) -> dict:
+def summarize(y_true: np.ndarray, y_pred: np.ndarray, y_train: np.ndarray | None = None) -> dict:
     """Everything evaluate prints: the score, per-class losses and AUCs, and the prior baseline."""
     y_true = np.asarray(y_true, dtype=np.float64)
     baseline = prior(y_train if y_train is not None else y_true)

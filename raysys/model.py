@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torchvision.models import Inception_V3_Weights, inception_v3
 
+from raysys import storage
+from raysys.config import InputError
 from raysys.labels import LABELS
 
 MIN_SIZE = 75  # InceptionV3's smallest input without the aux head
@@ -56,23 +58,28 @@ class HemorrhageNet(nn.Module):
         return out if self.training else out + self.logit_offset
 
 
-def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: bool = False) -> HemorrhageNet:
-    """torchvision inception_v3 with len(LABELS) sigmoid outputs (logits here; sigmoid at inference).
+class WeightsError(InputError, ValueError):
+    """The starting weights cannot be had or are not InceptionV3's."""
 
-    weights: "none" (random init), "imagenet" (torchvision download), a local ImageNet
-    state-dict file, or a raysys checkpoint directory (its model weights).
+
+HEAD_KEYS = ("fc.", "AuxLogits.fc.", "logit_offset")  # rebuilt for the six labels; never taken from weights
+
+
+def build_model(
+    backbone: dict[str, torch.Tensor] | None = None, *, image_size: int = 256, aux_logits: bool = False
+) -> HemorrhageNet:
+    """torchvision inception_v3 with len(LABELS) outputs (logits; sigmoid at inference).
+
+    backbone: None (random init) or a state dict from `load_backbone`, already checked there.
     """
     if image_size < MIN_SIZE:
         raise ValueError(f"InceptionV3 needs image_size >= {MIN_SIZE}, got {image_size}")
     if aux_logits and image_size < AUX_MIN_SIZE:
         raise ValueError(f"aux_logits needs image_size >= {AUX_MIN_SIZE} (torchvision's aux head), got {image_size}")
-    kind = weights.lower() if weights.lower() in ("none", "imagenet") else "path"
     # transform_input=True: inputs arrive ImageNet-normalised (the contract) for every kind of weights.
-    model = inception_v3(weights=None, aux_logits=True, init_weights=kind == "none", transform_input=True)
-    if kind == "imagenet":
-        model.load_state_dict(_download_imagenet())
-    elif kind == "path":
-        _load_local(model, Path(weights))
+    model = inception_v3(weights=None, aux_logits=True, init_weights=backbone is None, transform_input=True)
+    if backbone is not None:
+        model.load_state_dict(backbone, strict=False)
     model.fc = nn.Linear(model.fc.in_features, len(LABELS))
     if aux_logits:
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, len(LABELS))
@@ -81,32 +88,57 @@ def build_model(weights: str = "none", *, image_size: int = 256, aux_logits: boo
     return HemorrhageNet(model, InputContract(size=image_size))
 
 
+def load_backbone(weights: str) -> dict[str, torch.Tensor] | None:
+    """The weights a run starts from, resolved and checked where the run is configured (on the driver).
+
+    "none": None (random init). "imagenet": torchvision's ImageNet weights, downloaded once into
+    torch's cache. Anything else: a state-dict file or a raysys checkpoint directory (local or URI).
+    A bad value fails here, in seconds and once, never in a worker that would be retried.
+    """
+    kind = weights.lower()
+    if kind == "none":
+        return None
+    if kind == "imagenet":
+        return _backbone_of(_download_imagenet(), Inception_V3_Weights.IMAGENET1K_V1.url)
+    path = storage.join(weights, STATE_FILE) if storage.is_dir(weights) else weights
+    if not storage.is_file(path):
+        raise WeightsError(f"weights {weights}: no such file (expected a state dict or a checkpoint directory)")
+    try:
+        state = torch.load(storage.open_bytes(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch's own errors: any of them means "not a state dict"
+        raise WeightsError(f"weights {path}: not a torch state dict ({type(e).__name__}: {e})") from None
+    return _backbone_of(state, path)
+
+
 def _download_imagenet() -> dict:
     url = Inception_V3_Weights.IMAGENET1K_V1.url
     try:
         return Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
+        raise WeightsError(
             f"could not download the ImageNet weights ({e}). Offline, fetch {url} on a machine with "
             "internet and pass its local path instead: --weights /path/to/inception_v3_google-0cc3c7bd.pth "
             "(or --weights none to train from scratch)"
         ) from None
 
 
-def _load_local(model: nn.Module, path: Path) -> None:
-    """Load a local ImageNet state dict or a raysys checkpoint's backbone; the 6-label head is rebuilt."""
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"weights {path}: no such file (expected a state dict or a checkpoint directory)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _backbone_of(state, source: str) -> dict[str, torch.Tensor]:
+    """An ImageNet state dict or a raysys checkpoint's weights -> InceptionV3 backbone keys, checked."""
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights {source}: expected a state dict, got {type(state).__name__}")
     state = state.get("model", state)
     state = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
-    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits.fc.", "logit_offset"))}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
+    probe = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    try:
+        missing, unexpected = probe.load_state_dict(backbone, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"weights {source}: not an InceptionV3 state dict ({str(e).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not k.startswith(("fc.", "AuxLogits."))]
     if missing or unexpected:
-        raise ValueError(f"weights {path}: not an InceptionV3 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise WeightsError(f"weights {source}: not an InceptionV3 state dict (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return backbone
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -139,7 +171,7 @@ def save_checkpoint(
     scheduler=None,
     extra_meta: dict | None = None,
 ) -> Path:
-    """Write model.pt, meta.json and config.yaml into `directory` (created if needed)."""
+    """Write model.pt, meta.json and config.yaml into the local `directory` (created if needed)."""
     import yaml
 
     directory = Path(directory)
@@ -165,32 +197,39 @@ def save_checkpoint(
         "metrics": metrics,
         **(extra_meta or {}),
     }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    (directory / META_FILE).write_text(storage.to_json(meta))
     with open(directory / CONFIG_FILE, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return directory
 
 
 def read_meta(directory: str | Path) -> dict:
-    """meta.json of a checkpoint directory, with a clear error when it is not one."""
-    path = Path(directory) / META_FILE
-    if not path.is_file():
+    """meta.json of a checkpoint directory (local or URI), with a clear error when it is not one."""
+    path = storage.join(directory, META_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{directory}: not a raysys checkpoint (no {META_FILE})")
-    meta = json.loads(path.read_text())
+    meta = json.loads(storage.read_text(path))
     if meta.get("labels") != list(LABELS):
         raise ValueError(f"{directory}: checkpoint label order {meta.get('labels')} differs from {list(LABELS)}")
     return meta
 
 
+def read_state(directory: str | Path) -> dict:
+    """model.pt of a checkpoint directory: model, optimizer and scheduler state and the epoch (for resuming)."""
+    return torch.load(storage.open_bytes(storage.join(directory, STATE_FILE)), map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """The one loader for training (resume), batch inference and serving."""
+    """The one loader for batch inference and serving: eval mode, on `device`, channels_last on CUDA."""
     import yaml
 
-    directory = Path(directory)
-    meta = read_meta(directory)
-    config = yaml.safe_load((directory / CONFIG_FILE).read_text()) if (directory / CONFIG_FILE).is_file() else {}
-    model = build_model("none", image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False))
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    local = storage.local_dir(directory)
+    meta = read_meta(local)
+    config = yaml.safe_load((local / CONFIG_FILE).read_text()) if (local / CONFIG_FILE).is_file() else {}
+    model = build_model(image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False))
+    state = read_state(local)
     model.load_state_dict(state["model"])
     model.to(device).eval()
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     return Checkpoint(model=model, meta=meta, config=config, state=state)

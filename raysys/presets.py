@@ -11,7 +11,9 @@ from raysys.dicom import DicomMeta, decode
 from raysys.windowing import Window, parse_windows, window_pixels
 
 
-def dicom_to_image(source: bytes | str | Path, windows: str | tuple[Window, ...], size: int, name: str | None = None) -> tuple[np.ndarray, DicomMeta]:
+def dicom_to_image(
+    source: bytes | str | Path, windows: str | tuple[Window, ...], size: int, name: str | None = None
+) -> tuple[np.ndarray, DicomMeta]:
     """One DICOM -> ((C, size, size) uint8 windows, meta): the exact preprocessing of training and serving."""
     dslice = decode(source, name)
     return window_pixels(dslice.pixels, dslice.slope, dslice.intercept, parse_windows(windows), size), dslice.meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,11 +12,21 @@ matplotlib.use("Agg")  # headless: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from raysys import storage  # noqa: E402
 from raysys.labels import LABELS  # noqa: E402
 from raysys.windowing import Window, format_windows  # noqa: E402
 
 
-def preview(path: str | Path, image: np.ndarray, windows: Sequence[Window], title: str = "", caption: str = "") -> Path:
+def _save(fig, path: str | Path) -> str:
+    """Write the figure as PNG to a local path or URI, and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
+    return str(path)
+
+
+def preview(path: str | Path, image: np.ndarray, windows: Sequence[Window], title: str = "", caption: str = "") -> str:
     """One slice in each of its windows, side by side. `image`: (C, S, S) uint8 or float in [0, 1]."""
     names = format_windows(windows).split(",")
     fig, axes = plt.subplots(1, len(windows), figsize=(3.2 * len(windows), 3.6), squeeze=False)
@@ -28,9 +39,7 @@ def preview(path: str | Path, image: np.ndarray, windows: Sequence[Window], titl
     if caption:
         fig.text(0.5, 0.02, caption, ha="center", fontsize=8, family="monospace")
     fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def format_probabilities(probabilities: Sequence[float], truth: Sequence[float] | None = None) -> str:
@@ -42,7 +51,7 @@ def format_probabilities(probabilities: Sequence[float], truth: Sequence[float] 
     return "  ".join(parts)
 
 
-def curves(path: str | Path, history, score: str = "val_weighted_log_loss") -> Path:
+def curves(path: str | Path, history, score: str = "val_weighted_log_loss") -> str:
     """Train loss and validation score per epoch (one row of `history` per epoch)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history["epoch"], history["train_loss"], "o-", label="train loss (weighted BCE)")
@@ -52,12 +61,10 @@ def curves(path: str | Path, history, score: str = "val_weighted_log_loss") -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
-def sweep_plot(path: str | Path, trials, score: str = "val_weighted_log_loss") -> Path:
+def sweep_plot(path: str | Path, trials, score: str = "val_weighted_log_loss") -> str:
     """Best validation score of each trial against its learning rate, coloured by decay."""
     column = "best_" + score
     done = trials[trials[column].notna()]
@@ -71,12 +78,10 @@ def sweep_plot(path: str | Path, trials, score: str = "val_weighted_log_loss") -
     fig.colorbar(points, ax=ax, label="per-epoch lr decay")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
-def roc_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray) -> Path:
+def roc_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray) -> str:
     """One ROC curve per label (labels with a single class in y_true are skipped)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -90,12 +95,10 @@ def roc_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray) -> Path:
     ax.set_ylabel("true positive rate")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
-def calibration_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray, bins: int = 10) -> Path:
+def calibration_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray, bins: int = 10) -> str:
     """Mean predicted probability vs observed frequency in equal-width bins, per label."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
     edges = np.linspace(0, 1, bins + 1)
@@ -111,6 +114,4 @@ def calibration_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray, b
     ax.set_ylabel("observed frequency")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

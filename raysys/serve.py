@@ -12,30 +12,25 @@ through the same presets as training). Responses and logs carry the image id
 
 import asyncio
 import hmac
+import json
 import logging
 import os
-import socket
 import time
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from raysys import storage
+from raysys.config import ServeConfig, build_config
+
 log = logging.getLogger("raysys.serve")
 
 TOKEN_ENV = "RAYSYS_API_TOKEN"  # when set, requests need `Authorization: Bearer <token>`
-DEFAULT_MAX_BODY = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
 
 api = FastAPI(title="raysys", description="Intracranial hemorrhage probabilities for head-CT DICOM slices")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for a local Serve proxy or Ray head)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RequestError(Exception):
@@ -70,8 +65,7 @@ async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, byt
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class HemorrhageService:
-    def __init__(self, checkpoint: str, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY):
+    def __init__(self, checkpoint: str, max_batch_size: int, batch_wait_ms: float, max_body_bytes: int):
         import torch
 
         from raysys.model import load_checkpoint
@@ -80,8 +74,8 @@ class HemorrhageService:
         loaded = load_checkpoint(checkpoint, self.device)
         self.model, self.meta = loaded.model, loaded.meta
         self.windows, self.size = self.meta["windows"], self.meta["image_size"]
-        self.model_info = {"checkpoint": Path(checkpoint).name, "epoch": self.meta["epoch"],
-                           "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
+        self.checkpoint_info = {"checkpoint": checkpoint.rstrip("/").rsplit("/", 1)[-1], "epoch": self.meta["epoch"],
+                                "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
         self.max_body_bytes = max_body_bytes
         self.token = os.environ.get(TOKEN_ENV) or None
         self._turn: asyncio.Event | None = None
@@ -116,7 +110,7 @@ class HemorrhageService:
     async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Micro-batched forward pass. It runs in a worker thread (torch releases the GIL), so the event
         loop goes on receiving and decoding requests meanwhile; Serve runs one batch at a time."""
-        from raysys.predict import infer
+        from raysys.engine import infer
 
         self.batching["batches"] += 1
         self.batching["images"] += len(images)
@@ -127,12 +121,14 @@ class HemorrhageService:
         return {"status": "ok", "device": self.device.type}
 
     @api.get("/v1/model")
-    async def model(self, request: Request):
+    async def describe(self, request: Request):
         if (denied := self._authorize(request)) is not None:
             return denied
-        return {"labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
-                "contract": self.meta["contract"], "model": self.model_info, "batching": self.batching,
-                "metrics": {k: v for k, v in self.meta["metrics"].items() if k != "history"}}
+        metrics = {k: v for k, v in self.meta["metrics"].items() if k != "history"}
+        return JSONResponse(json.loads(storage.to_json(
+            {"labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
+             "contract": self.meta["contract"], "model": self.checkpoint_info, "batching": self.batching,
+             "metrics": metrics})))
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
@@ -152,7 +148,7 @@ class HemorrhageService:
         probabilities = await self.score(images)
         latency = (time.perf_counter() - start) * 1000
         results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
-                    "model": self.model_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]
+                    "model": self.checkpoint_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]
         return results[0] if len(results) == 1 and not _is_multipart(request) else {"results": results}
 
     def _authorize(self, request: Request):
@@ -200,29 +196,29 @@ class HemorrhageService:
         return image, meta.image_id
 
 
-def build_app(checkpoint: str, *, replicas: int = 1, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
-              max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY):
-    """The Serve application for a checkpoint directory (local path; nothing heavy happens here).
+def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
+    """The Serve application for a checkpoint directory (local path or URI; nothing heavy happens here).
 
     On CPU a replica's forward pass uses as many threads as it reserves CPUs (Ray sets OMP_NUM_THREADS)."""
     from raysys.model import read_meta
 
+    checkpoint = storage.resolve(checkpoint)
     read_meta(checkpoint)  # fail now, with a clear message, if it is not a checkpoint
-    actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     if os.environ.get(TOKEN_ENV):  # the replicas read the token from their own environment
         actor["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
-    options = {"num_replicas": replicas, "ray_actor_options": actor}
+    options = {"num_replicas": cfg.replicas, "ray_actor_options": actor}
     return HemorrhageService.options(**options).bind(
-        str(Path(checkpoint).resolve()), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-        max_body_bytes=max_body_bytes)
+        checkpoint, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+        max_body_bytes=cfg.max_body_bytes)
 
 
 def app(args: dict):
-    """Application builder for `serve run raysys.serve:app checkpoint=DIR` and serve config files."""
-    known = {"checkpoint", "max_batch_size", "batch_wait_ms", "max_body_bytes"}
-    unknown = set(args) - known
-    if unknown or "checkpoint" not in args:
-        raise ValueError(f"raysys.serve:app needs checkpoint=DIR (optional {sorted(known - {'checkpoint'})}); "
-                         f"unknown {sorted(unknown)}")
-    kwargs = {k: (float(v) if k == "batch_wait_ms" else int(v)) for k, v in args.items() if k != "checkpoint"}
-    return build_app(args["checkpoint"], **kwargs)
+    """Application builder for `serve run raysys.serve:app checkpoint=DIR` and serve config files.
+
+    Other arguments are ServeConfig fields (max_batch_size, batch_wait_ms, max_body_bytes, ...)."""
+    args = dict(args)
+    checkpoint = args.pop("checkpoint", None)
+    if not checkpoint:
+        raise ValueError(f"raysys.serve:app needs checkpoint=DIR; optional: {sorted(asdict(ServeConfig()))}")
+    return build_app(checkpoint, build_config(ServeConfig, args, "raysys.serve:app"))

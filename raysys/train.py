@@ -16,10 +16,11 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from raysys import data as rdata
+from raysys import storage
 from raysys.config import Config, from_dict, save_config
-from raysys.engine import WeightedBCE, evaluate, train_one_epoch, use_amp
+from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
-from raysys.model import build_model, save_checkpoint, unwrap
+from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,15 @@ FAIL_ENV = "RAYSYS_TEST_FAIL_AFTER_EPOCH"  # test-only: kill the worker group on
 
 @dataclass(frozen=True)
 class FitResult:
-    run_dir: Path  # local folder with metrics.csv, curves.png, config.yaml, errors.csv
+    run_dir: str  # <storage_path>/<name>: checkpoints, metrics.csv, curves.png, config.yaml, split.csv, errors.csv
     best_checkpoint: str  # directory of the checkpoint with the lowest validation score
     best_metrics: dict
     history: pd.DataFrame  # one row per epoch
 
 
-def run_dir_for(cfg: Config) -> Path:
-    """Where reports go: the run folder itself for local storage, ./runs/<name> for object storage."""
-    base = cfg.train.storage_path
-    return (Path("runs") if "://" in base else Path(base).resolve()) / cfg.train.name
+def run_dir_for(cfg: Config) -> str:
+    """A run's folder: `<storage_path>/<name>`, beside Ray Train's checkpoints (local path or URI)."""
+    return storage.join(cfg.train.storage_path, cfg.train.name)
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,20 @@ class Split:
     train: pd.DataFrame
     val: pd.DataFrame
 
-    def save(self, run_dir: Path) -> None:
+    @property
+    def degenerate(self) -> bool:
+        """No bleed on the validation side: the score then ranks only how well negatives are recognised."""
+        return rdata.degenerate_validation(self.val)
+
+    def save(self, run_dir: str) -> None:
         """split.csv (image, patient, side, labels) and errors.csv in the run directory."""
         frame = pd.concat([self.train.assign(split="train"), self.val.assign(split="val")])
-        frame[["image_id", "patient_id", "split", *LABELS]].to_csv(run_dir / "split.csv", index=False)
-        self.source.errors.to_csv(run_dir / "errors.csv", index=False)
+        storage.write_text(storage.join(run_dir, "split.csv"),
+                           frame[["image_id", "patient_id", "split", *LABELS]].to_csv(index=False))
+        storage.write_text(storage.join(run_dir, "errors.csv"), self.source.errors.to_csv(index=False))
 
 
-def load_split(cfg: Config, run_dir: Path | None = None) -> Split:
+def load_split(cfg: Config, run_dir: str | None = None) -> Split:
     """Scan the data (errors.csv, max_error_fraction gate) and split it by patient."""
     d = cfg.data
     if not d.labels:
@@ -67,19 +73,40 @@ def load_split(cfg: Config, run_dir: Path | None = None) -> Split:
                                         fold=d.fold)
     if train["any"].sum() == 0 or len(val) == 0:
         raise rdata.DataError(f"{d.data}: the split left no positive training images or no validation images")
-    log.info("data: %d images, %d train / %d validation (patient split), %d unreadable files",
-             len(found.index), len(train), len(val), len(found.errors))
-    return Split(found, train, val)
+    split = Split(found, train, val)
+    log.info("data: %d images, %d train / %d validation (patient split; %d with a bleed), %d unreadable files",
+             len(found.index), len(train), len(val), int(val["any"].sum()), len(found.errors))
+    if split.degenerate:
+        log.warning("the validation side has no image with a bleed (too few patients with one for this split): "
+                    "%s then ranks checkpoints and trials only by how well negatives are recognised; "
+                    "metrics.csv and trials.csv mark it val_degenerate = 1", SCORE)
+    return split
 
 
-def fit(cfg: Config, split: Split | None = None, callbacks: list | None = None) -> FitResult:
-    """Scan and split the data (unless given), then train with TorchTrainer; the same name resumes."""
+def put_backbone(cfg: Config) -> ray.ObjectRef | None:
+    """Resolve and check the starting weights on the driver, once, and hand them to workers by the object store.
+
+    Bad weights (offline ImageNet download, a missing or foreign file) fail here in seconds, before any data
+    is scanned or worker started, instead of in a worker group that FailureConfig would retry.
+    """
+    backbone = load_backbone(cfg.model.weights)
+    return None if backbone is None else ray.put(backbone)
+
+
+def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
+    """Resolve the weights, scan and split the data, then train with TorchTrainer; the same name resumes."""
+    backbone = put_backbone(cfg)
+    save_config(cfg, storage.join(run_dir_for(cfg), "config.yaml"))
+    split = load_split(cfg, run_dir_for(cfg))
+    return fit_split(cfg, split, backbone, callbacks)
+
+
+def fit_split(cfg: Config, split: Split, backbone: ray.ObjectRef | None, callbacks: list | None = None) -> FitResult:
+    """Train on an already scanned split with already resolved weights (a sweep's trials share both)."""
     run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    split = split or load_split(cfg, run_dir)
+    save_config(cfg, storage.join(run_dir, "config.yaml"))
     split.save(run_dir)
-    result = build_trainer(cfg, split, callbacks).fit()
+    result = build_trainer(cfg, split, callbacks, backbone).fit()
     return finish(run_dir, result)
 
 
@@ -100,7 +127,8 @@ def build_datasets(cfg: Config, split: Split) -> dict:
     return datasets
 
 
-def build_trainer(cfg: Config, split: Split, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
+                  backbone: ray.ObjectRef | None = None) -> TorchTrainer:
     t = cfg.train
     datasets = build_datasets(cfg, split)
     use_gpu = t.gpus_per_worker > 0
@@ -109,6 +137,7 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None) -> T
         train_loop,
         train_loop_config={
             "cfg": cfg.to_dict(),
+            "backbone": backbone,
             "logit_offset": rdata.balance_logit_offset(split.train, cfg.data.neg_ratio).tolist(),
             "label_prior": split.train[list(LABELS)].mean().tolist(),  # fills images predict cannot read
             "fail": os.environ.get(FAIL_ENV, ""),
@@ -116,12 +145,15 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None) -> T
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=t.name,
-            storage_path=t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).resolve()),
+            storage_path=t.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
             ),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks,
+            # Ray Train's own INFO lines (worker group start, each checkpoint) stay in its log files: the run's
+            # log has one line per epoch from rank 0.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         # Every worker trains on its own part of each epoch; validation is read whole by rank 0.
@@ -133,10 +165,13 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None) -> T
 
 
 def train_loop(config: dict) -> None:
+    # Train V2 sets a worker's root logger to INFO, and logs each report there: rank 0 prints one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(config["cfg"])
     t, rank = cfg.train, ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model.weights, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits)
+    backbone = ray.get(config["backbone"]) if config["backbone"] is not None else None
+    model = build_model(backbone, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits)
     model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -145,10 +180,11 @@ def train_loop(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.decay)  # lr x decay^epoch
     start, history = _resume(model, optimizer, scheduler)
     first = start  # where this attempt of the worker group began (> 1 after a resume)
-    amp, loss_fn = use_amp(t.amp, device), WeightedBCE().to(device)
+    amp, loss_fn = use_amp(t.amp, device), WeightedBCE().to(device)  # the training step's precision only
     dtypes = {"image": torch.uint8, "label": torch.float32}
+    tag = f"[train {t.name}]"
     if rank == 0 and start > 1:
-        print(f"[train] resuming at epoch {start} of {t.epochs}", flush=True)
+        print(f"{tag} resuming at epoch {start} of {t.epochs}", flush=True)
     epoch_seconds = []
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
@@ -158,24 +194,25 @@ def train_loop(config: dict) -> None:
                                 aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
-        val = _validate(model, device, amp, t.batch_size, dtypes) if rank == 0 else None
-        saving = time.perf_counter()
+        val = _validate(model, device, t.batch_size, dtypes) if rank == 0 else None
         val = _broadcast(val)
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),
                    "epoch_seconds": epoch_seconds[-1]}
         history.append(metrics)
         if rank == 0:
-            eta = (t.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
-            print(f"[train] epoch {epoch}/{t.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
-                  f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_images_per_s']:.1f} img/s/worker  "
-                  f"epoch {epoch_seconds[-1]:.0f}s  ETA {eta:.0f}s", flush=True)
+            saving = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, config=cfg.to_dict(), epoch=epoch, metrics={**metrics, "history": history},
                                 optimizer=optimizer, scheduler=scheduler,
                                 extra_meta={"label_prior": config["label_prior"]})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            print(f"[train] checkpoint saved and reported in {time.perf_counter() - saving:.1f}s", flush=True)
+            eta = (t.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+            flag = "  (no bleed in validation)" if metrics["val_degenerate"] else ""
+            print(f"{tag} epoch {epoch}/{t.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
+                  f"{SCORE} {metrics[SCORE]:.4f}{flag}  {stats['train_images_per_s']:.1f} img/s/worker  "
+                  f"epoch {epoch_seconds[-1]:.0f}s  checkpoint {time.perf_counter() - saving:.1f}s  ETA {eta:.0f}s",
+                  flush=True)
         else:
             ray.train.report(metrics)
         _maybe_fail(config["fail"], epoch, rank)
@@ -183,23 +220,20 @@ def train_loop(config: dict) -> None:
 
 def _resume(model, optimizer, scheduler) -> tuple[int, list]:
     """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, [])."""
-    import json
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 1, []
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
-        meta = json.loads((Path(d) / "meta.json").read_text())
+        state, meta = read_state(d), read_meta(d)
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1, meta["metrics"].get("history", [])
 
 
-def _validate(model, device, amp, batch_size, dtypes) -> dict:
+def _validate(model, device, batch_size, dtypes) -> dict:
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device)
-    return evaluate(unwrap(model), batches, device, amp=amp)  # the plain module: no DDP collectives on one rank
+    return validate(unwrap(model), batches, device)  # the plain module: no DDP collectives on one rank
 
 
 def _flatten(val: dict) -> dict:
@@ -240,10 +274,8 @@ def _maybe_fail(spec: str, epoch: int, rank: int) -> None:
 # --- after fit: reports on the driver --------------------------------------------------------
 
 
-def finish(run_dir: Path, result) -> FitResult:
+def finish(run_dir: str, result) -> FitResult:
     """metrics.csv and curves.png from the latest checkpoint's history; the best checkpoint's path."""
-    import json
-
     from raysys.report import curves
 
     if result.error:
@@ -251,7 +283,8 @@ def finish(run_dir: Path, result) -> FitResult:
     ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
     best, best_metrics = ranked[0]
     with result.checkpoint.as_directory() as d:
-        history = pd.DataFrame(json.loads((Path(d) / "meta.json").read_text())["metrics"]["history"])
-    history.to_csv(run_dir / "metrics.csv", index=False)
-    curves(run_dir / "curves.png", history, score=SCORE)
-    return FitResult(run_dir=run_dir, best_checkpoint=best.path, best_metrics=best_metrics, history=history)
+        history = pd.DataFrame(read_meta(d)["metrics"]["history"])
+    storage.write_text(storage.join(run_dir, "metrics.csv"), history.to_csv(index=False))
+    curves(storage.join(run_dir, "curves.png"), history, score=SCORE)
+    return FitResult(run_dir=run_dir, best_checkpoint=storage.with_scheme(best.path, run_dir), best_metrics=best_metrics,
+                     history=history)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import pandas as pd
 import ray
 from ray import tune
 
-from raysys.config import Config, save_config
-from raysys.train import SCORE, Split, fit, load_split
+from raysys import storage
+from raysys.config import Config, SweepConfig, from_dict, save_config
+from raysys.model import read_meta
+from raysys.train import SCORE, Split, fit_split, load_split, put_backbone
 
 log = logging.getLogger(__name__)
 
@@ -23,31 +24,9 @@ RUNGS_FILE = "asha_rungs.json"
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    num_samples: int = 4  # trials drawn from the search space
-    max_epochs: int = 8  # epochs of a trial that ASHA never stops (the recipe's 8)
-    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
-    reduction_factor: int = 2  # ASHA keeps the best 1/rf of trials at each rung
-    lr_min: float = 1e-5  # log-uniform learning-rate bounds around the recipe's 5e-4
-    lr_max: float = 3e-3
-    decay_min: float = 0.5  # uniform per-epoch decay bounds around the recipe's 0.8
-    decay_max: float = 1.0
-    max_trial_failures: int = 1  # retries of a crashed trial driver (Tune's FailureConfig)
-    seed: int = 0  # search-space sampling
-
-    def __post_init__(self) -> None:
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError(f"need 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
-        if not 0 < self.decay_min <= self.decay_max <= 1:
-            raise ValueError(f"need 0 < decay_min <= decay_max <= 1, got {self.decay_min}, {self.decay_max}")
-        if self.num_samples < 1 or self.max_epochs < 1 or not 1 <= self.grace_period <= self.max_epochs:
-            raise ValueError("need num_samples >= 1, max_epochs >= 1 and 1 <= grace_period <= max_epochs")
-
-
-@dataclass(frozen=True)
 class SweepResult:
-    sweep_dir: Path
-    best_dir: Path  # exported checkpoint: accepted by serve, predict and train --weights
+    sweep_dir: str  # <sweep.storage_path>/<sweep.name>
+    best_dir: str  # exported checkpoint: accepted by serve, predict and train --weights
     trials: pd.DataFrame
 
 
@@ -84,9 +63,8 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._loaded:
             self._loaded = True
-            path = Path(self._state_path)
-            if path.is_file():
-                for bracket, rungs in zip(self._brackets, json.loads(path.read_text())):
+            if storage.is_file(self._state_path):
+                for bracket, rungs in zip(self._brackets, json.loads(storage.read_text(self._state_path))):
                     for (milestone, recorded), saved in zip(bracket._rungs, rungs):
                         if float(saved["milestone"]) == float(milestone):
                             recorded.update(saved["recorded"])
@@ -104,89 +82,113 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
     def _save(self) -> None:
         state = [[{"milestone": milestone, "recorded": recorded} for milestone, recorded in bracket._rungs]
                  for bracket in self._brackets]
-        tmp = Path(self._state_path + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self._state_path)
+        storage.write_text(self._state_path, storage.to_json(state, indent=None))
 
 
-def run_trial(config: dict, base: dict, split: Split, trials_path: str) -> None:
+class TrialLog(tune.Callback):
+    """One log line per trial event (start, end, error) in place of Tune's redrawn status tables."""
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        log.info("trial %s started: lr %.2e, decay %.3f", trial.trial_id, trial.config["lr"], trial.config["decay"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        log.info("trial %s ended after epoch %s: %s %.4f (%d of %d trials done)", trial.trial_id,
+                 result.get("epoch", "?"), SCORE, result.get(SCORE, math.nan),
+                 sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1, len(trials))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.error("trial %s failed: %s", trial.trial_id, trial.error_file or "see trials.csv")
+
+
+def run_trial(config: dict, base: dict, split: Split, backbone: ray.ObjectRef | None, trials_path: str) -> None:
     """One Tune trial: a whole Ray Train run with this trial's lr and decay, metrics sent to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raysys.config import from_dict
 
     trial_id = tune.get_context().get_trial_id()  # the Train run is named after its trial
     cfg = from_dict(base, {"train.lr": config["lr"], "train.decay": config["decay"],
                            "train.storage_path": trials_path, "train.name": trial_id})
-    fit(cfg, split=split, callbacks=[TuneReportCallback()])
+    fit_split(cfg, split, backbone, callbacks=[TuneReportCallback()])
 
 
-def sweep(cfg: Config, sweep_cfg: SweepConfig, out: str | Path, name: str = "sweep") -> SweepResult:
-    """Run (or resume) the sweep `name` under `out`; write trials.csv, sweep.png and `out/best/`."""
-    sweep_dir = (Path(out) / name).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.replace(**{"train.epochs": sweep_cfg.max_epochs})
-    save_config(cfg, sweep_dir / "config.yaml")
+def sweep(cfg: Config) -> SweepResult:
+    """Run (or resume) the sweep cfg.sweep.name under cfg.sweep.storage_path: trials.csv, sweep.png, best/.
+
+    Every trial is a Ray Train run under `<sweep>/trials/<trial id>/`; the recipe's own
+    train.storage_path and train.name are not used.
+    """
+    s = cfg.sweep
+    sweep_dir = storage.join(s.storage_path, s.name)
+    cfg = cfg.replace(**{"train.epochs": s.max_epochs, "train.storage_path": storage.join(sweep_dir, "trials"),
+                         **({"train.workers": s.workers_per_trial} if s.workers_per_trial else {})})
+    backbone = put_backbone(cfg)  # once, on this driver, before any data is scanned or trial started
+    save_config(cfg, storage.join(sweep_dir, "config.yaml"))
     split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, trials_path=str(sweep_dir / "trials")),
+        tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone,
+                             trials_path=cfg.train.storage_path),
         {"CPU": 0.01},  # the trial driver only waits on its Train run; its CPU goes to decoding
     )
-    tuner_path = sweep_dir / "tuner"
-    if tune.Tuner.can_restore(str(tuner_path)):
+    tuner_path = storage.join(sweep_dir, "tuner")
+    rungs = storage.join(sweep_dir, RUNGS_FILE)
+    if tune.Tuner.can_restore(tuner_path):
         log.info("resuming sweep %s", tuner_path)
-        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_errored=True)
     else:
-        (sweep_dir / RUNGS_FILE).unlink(missing_ok=True)  # rungs of an earlier sweep without a Tune state
+        if storage.exists(rungs):
+            storage.remove_file(rungs)  # rungs of an earlier sweep without a Tune state
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(sweep_cfg),
+            param_space=search_space(s),
             tune_config=tune.TuneConfig(
                 metric=SCORE,
                 mode="min",
-                num_samples=sweep_cfg.num_samples,
+                num_samples=s.num_samples,
                 # max_t one past the last epoch: a trial that runs all its epochs ends by itself (and writes
                 # its reports) instead of being stopped by ASHA at max_t.
-                scheduler=ResumableASHA(
-                    sweep_dir / RUNGS_FILE, time_attr="epoch", max_t=sweep_cfg.max_epochs + 1,
-                    grace_period=sweep_cfg.grace_period, reduction_factor=sweep_cfg.reduction_factor,
-                ),
+                scheduler=ResumableASHA(rungs, time_attr="epoch", max_t=s.max_epochs + 1,
+                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor),
                 # A search_alg given here must carry the concurrency limit itself (Tune ignores max_concurrent_trials).
-                search_alg=tune.search.BasicVariantGenerator(random_state=sweep_cfg.seed,
+                search_alg=tune.search.BasicVariantGenerator(random_state=s.seed,
                                                              max_concurrent=max_concurrent_trials(cfg)),
             ),
-            run_config=tune.RunConfig(
-                name="tuner", storage_path=str(sweep_dir),
-                failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_trial_failures),
-                progress_reporter=tune.CLIReporter(
-                    metric_columns=["epoch", SCORE, "train_loss"], parameter_columns=["lr", "decay"],
-                    max_report_frequency=15),
-            ),
+            run_config=_tune_run_config(sweep_dir, s),
         )
     grid = tuner.fit()
-    trials = trials_table(grid, sweep_cfg.max_epochs)
-    trials.to_csv(sweep_dir / "trials.csv", index=False)
+    trials = trials_table(grid, s.max_epochs, sweep_dir)
+    storage.write_text(storage.join(sweep_dir, "trials.csv"), trials.to_csv(index=False))
     from raysys.report import sweep_plot
 
-    sweep_plot(sweep_dir / "sweep.png", trials, score=SCORE)
-    best_dir = export_best(trials, sweep_dir / BEST_DIR)
-    print(f"best checkpoint: {best_dir}")
+    sweep_plot(storage.join(sweep_dir, "sweep.png"), trials, score=SCORE)
+    best_dir = export_best(trials, storage.join(sweep_dir, BEST_DIR))
+    log.info("best checkpoint: %s", best_dir)
     return SweepResult(sweep_dir=sweep_dir, best_dir=best_dir, trials=trials)
 
 
-def trials_table(grid, max_epochs: int) -> pd.DataFrame:
-    """One row per trial: lr, decay, epochs run, best score, stopped early, best checkpoint path."""
+def _tune_run_config(sweep_dir: str, s: SweepConfig) -> tune.RunConfig:
+    return tune.RunConfig(
+        name="tuner", storage_path=sweep_dir,
+        failure_config=tune.FailureConfig(max_failures=s.max_trial_failures),
+        verbose=0,  # no redrawn status tables: TrialLog writes one line per trial event
+        callbacks=[TrialLog()],
+    )
+
+
+def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:
+    """One row per trial: lr, decay, epochs run, best score, degenerate validation, stopped early, checkpoint."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
         row = {"trial": trial_id, "lr": result.config["lr"],
-               "decay": result.config["decay"], "epochs_run": 0, "best_" + SCORE: math.nan,
+               "decay": result.config["decay"], "epochs_run": 0, "best_" + SCORE: math.nan, "val_degenerate": 0,
                "stopped_early": False, "checkpoint": "", "error": str(result.error or "")}
         if history is not None and SCORE in history:
             best = history.loc[history[SCORE].idxmin()]
+            path = best.get("checkpoint_path", "") or ""
             row.update({"epochs_run": int(history["epoch"].max()), "best_" + SCORE: float(best[SCORE]),
-                        "checkpoint": best.get("checkpoint_path", "") or ""})
+                        "val_degenerate": int(best.get("val_degenerate", 0)),
+                        "checkpoint": storage.with_scheme(path, sweep_dir) if path else ""})
             row["stopped_early"] = row["epochs_run"] < max_epochs and result.error is None
         elif not row["error"]:
             row["error"] = "no metrics reported"
@@ -194,18 +196,17 @@ def trials_table(grid, max_epochs: int) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("best_" + SCORE, na_position="last").reset_index(drop=True)
 
 
-def export_best(trials: pd.DataFrame, best_dir: Path) -> Path:
+def export_best(trials: pd.DataFrame, best_dir: str) -> str:
     """Copy the best trial's best checkpoint to `best_dir` with metrics.json beside it."""
     ok = trials[trials["checkpoint"].astype(bool)]
     if ok.empty:
         raise RuntimeError("no trial produced a checkpoint; see trials.csv for the errors")
     top = ok.iloc[0]
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    shutil.copytree(top["checkpoint"], best_dir)
-    meta = json.loads((best_dir / "meta.json").read_text())
+    storage.copy_tree(top["checkpoint"], best_dir)
+    meta = read_meta(best_dir)
     summary = {"trial": top["trial"], "lr": float(top["lr"]), "decay": float(top["decay"]),
-               SCORE: float(top["best_" + SCORE]), "epoch": meta["epoch"], "source": str(top["checkpoint"]),
+               SCORE: float(top["best_" + SCORE]), "val_degenerate": int(top["val_degenerate"]),
+               "epoch": meta["epoch"], "source": str(top["checkpoint"]),
                "metrics": {k: v for k, v in meta["metrics"].items() if k != "history"}}
-    (best_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(best_dir, "metrics.json"), storage.to_json(summary))
     return best_dir

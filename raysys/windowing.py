@@ -42,7 +42,7 @@ BRAIN = Window(center=40, width=80)
 SUBDURAL = Window(center=80, width=200)
 SOFT_TISSUE = Window(center=40, width=380)
 BONE = Window(center=600, width=2800)
-PRESETS: dict[str, Window] = {"brain": BRAIN, "subdural": SUBDURAL, "soft_tissue": SOFT_TISSUE, "bone": BONE}
+NAMED_WINDOWS: dict[str, Window] = {"brain": BRAIN, "subdural": SUBDURAL, "soft_tissue": SOFT_TISSUE, "bone": BONE}
 DEFAULT_WINDOWS: tuple[Window, ...] = (BRAIN, SUBDURAL, SOFT_TISSUE)  # the reference recipe's three channels
 
 
@@ -55,8 +55,8 @@ def parse_windows(spec: str | Iterable[str | Window]) -> tuple[Window, ...]:
             windows.append(item)
             continue
         text = str(item).strip()
-        if text in PRESETS:
-            windows.append(PRESETS[text])
+        if text in NAMED_WINDOWS:
+            windows.append(NAMED_WINDOWS[text])
         elif "/" in text:
             center, _, width = text.partition("/")
             try:
@@ -64,7 +64,7 @@ def parse_windows(spec: str | Iterable[str | Window]) -> tuple[Window, ...]:
             except ValueError as e:
                 raise ValueError(f"bad window {text!r}: {e}") from None
         else:
-            raise ValueError(f"unknown window {text!r}: use one of {sorted(PRESETS)} or CENTER/WIDTH")
+            raise ValueError(f"unknown window {text!r}: use one of {sorted(NAMED_WINDOWS)} or CENTER/WIDTH")
     if not windows:
         raise ValueError(f"no windows in {spec!r}")
     return tuple(windows)
@@ -72,7 +72,7 @@ def parse_windows(spec: str | Iterable[str | Window]) -> tuple[Window, ...]:
 
 def format_windows(windows: Iterable[Window]) -> str:
     """The inverse of parse_windows: preset names where they match, CENTER/WIDTH otherwise."""
-    names = {w: name for name, w in PRESETS.items()}
+    names = {w: name for name, w in NAMED_WINDOWS.items()}
     return ",".join(names.get(w, f"{_number(w.center)}/{_number(w.width)}") for w in windows)
 
 

@@ -17,10 +17,9 @@ def pytest_collection_modifyitems(items):
 def ray_session():
     import ray
 
-    # The dashboard stays on: Train V2 cleans up the placement groups of stopped runs through the state API.
-    from raysys.data import keep_worker_processes
+    from raysys.runtime import init_ray
 
-    keep_worker_processes()
-    ray.init(num_cpus=2, log_to_driver=False, object_store_memory=1_500_000_000)
+    # The dashboard stays on: Train V2 cleans up the placement groups of stopped runs through the state API.
+    init_ray(num_cpus=2, log_to_driver=False, object_store_memory=1_500_000_000)
     yield ray
     ray.shutdown()

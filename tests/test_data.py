@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 
 from raysys import data as rdata
-from raysys.config import AugmentConfig
-from raysys.labels import LABELS
-from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
-from raysys.windowing import parse_windows, window_stack
+from raysys.config import AugmentConfig, DataConfig
 from raysys.dicom import read_dicom
+from raysys.labels import LABELS
+from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
+from raysys.windowing import parse_windows, window_stack
 
 SIZE = 96
 
@@ -58,7 +58,7 @@ def test_training_images_without_labels_are_an_error_inference_allows_them(ray_s
     out, frame = phantom
     lines = (out / "labels.csv").read_text().splitlines()
     dropped = frame.index[0]
-    (tmp_path / "partial.csv").write_text("\n".join(l for l in lines if not l.startswith(dropped)) + "\n")
+    (tmp_path / "partial.csv").write_text("\n".join(line for line in lines if not line.startswith(dropped)) + "\n")
     with pytest.raises(rdata.DataError, match=dropped):
         rdata.scan(str(out / "dicoms"), str(tmp_path / "partial.csv"), max_error_fraction=0.05)
     found = rdata.scan(str(out / "dicoms"), str(tmp_path / "partial.csv"), training=False, max_error_fraction=0.05)
@@ -103,7 +103,10 @@ def test_balance_logit_offset_matches_the_odds_of_balanced_epochs(scanned):
     offset = rdata.balance_logit_offset(index, neg_ratio=1.0)
     # Independently: the prevalence actually seen in balanced epochs vs in the whole training set.
     epochs = pd.concat([rdata.balance(index, epoch=e, seed=0) for e in range(20)])
-    logit = lambda p: np.log(p / (1 - p))
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
     for j, name in enumerate(LABELS):
         overall, seen = index[name].mean(), epochs[name].mean()
         if 0 < overall < 1:
@@ -163,8 +166,9 @@ def test_salt_and_pepper_only_writes_range_extremes():
 def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, tmp_path):
     out, frame = phantom
     found = scanned[0]
-    stats = rdata.prepare(str(out / "dicoms"), tmp_path / "cache", labels=str(out / "labels.csv"), size=SIZE,
-                          max_error_fraction=0.05)
+    cfg = DataConfig(data=str(out / "dicoms"), labels=str(out / "labels.csv"), image_size=SIZE,
+                     max_error_fraction=0.05)
+    stats = rdata.prepare(cfg, str(tmp_path / "cache"))
     assert stats["images"] == len(found.index) and stats["errors"] == 1
     assert stats["cache_bytes_per_image"] < stats["dicom_bytes_per_image"]
     assert rdata.is_cache(str(tmp_path / "cache"))

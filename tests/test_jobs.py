@@ -17,12 +17,12 @@ import torch
 import yaml
 
 from raysys.config import Config
+from raysys.engine import infer
 from raysys.labels import LABELS
 from raysys.model import build_model, read_meta, save_checkpoint
-from raysys.phantom import PhantomConfig, write_dataset
-from raysys.predict import infer
 from raysys.presets import dicom_to_image
-from raysys.serve import free_port
+from raysys.synthetic import PhantomConfig, write_dataset
+from raysys.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,7 +116,7 @@ def test_train_smoke_job_succeeds_and_writes_a_checkpoint(head, tmp_path):
     checkpoints = sorted(p for p in (storage / "smoke").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "model.pt").is_file() and (checkpoints[-1] / "meta.json").is_file()
     assert (storage / "smoke" / "metrics.csv").is_file()
-    assert "[train] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
+    assert "[train smoke] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
 
 
 @pytest.mark.cluster
@@ -124,7 +124,7 @@ def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
     """jobs/serve.yaml as shipped, with only the checkpoint and the HTTP port filled in."""
     address, env = head
     torch.manual_seed(0)
-    model = build_model("none", image_size=80)
+    model = build_model(image_size=80)
     checkpoint = save_checkpoint(tmp_path / "best", model, config=Config().replace(**{"data.image_size": 80}).to_dict(),
                                  epoch=1, metrics={"val_weighted_log_loss": 0.5})
     config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())

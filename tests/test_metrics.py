@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from raysys.labels import LABELS
-from raysys.metrics import per_class_auc, per_class_log_loss, prior, report, weighted_log_loss
+from raysys.metrics import per_class_auc, per_class_log_loss, prior, summarize, weighted_log_loss
 
 
 @pytest.fixture
@@ -56,10 +56,10 @@ def test_auc_is_nan_for_a_single_class_column(arrays):
     assert np.isnan(per_class_auc(y, p)["epidural"])
 
 
-def test_prior_and_report(arrays):
+def test_prior_and_summary(arrays):
     y, p = arrays
     assert np.allclose(prior(y), y.sum(axis=0) / len(y))
-    out = report(y, p, y_train=y)
+    out = summarize(y, p, y_train=y)
     baseline = np.tile(y.mean(axis=0), (len(y), 1))
     weights = np.tile([1, 1, 1, 1, 1, 2], len(y))
     expected = log_loss(y.reshape(-1), baseline.reshape(-1), sample_weight=weights, labels=[0, 1])

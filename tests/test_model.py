@@ -3,10 +3,10 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from raysys.engine import WeightedBCE, evaluate, train_one_epoch
+from raysys.engine import WeightedBCE, train_one_epoch, validate
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
-from raysys.model import build_model, load_checkpoint, save_checkpoint
+from raysys.model import WeightsError, build_model, load_backbone, load_checkpoint, save_checkpoint
 from raysys.presets import to_model_input
 
 SIZE = 80  # smallest size InceptionV3 accepts comfortably; keeps CPU tests fast
@@ -22,7 +22,7 @@ def _batches(n_batches=2, batch=4, seed=0):
 
 def test_model_outputs_six_logits_and_declares_its_contract():
     torch.manual_seed(0)
-    model = build_model("none", image_size=SIZE).eval()
+    model = build_model(image_size=SIZE).eval()
     out = model(torch.zeros(2, 3, SIZE, SIZE))
     assert out.shape == (2, len(LABELS))
     assert model.contract.size == SIZE and model.contract.channels == 3
@@ -30,7 +30,7 @@ def test_model_outputs_six_logits_and_declares_its_contract():
 
 def test_logit_offset_applies_in_eval_mode_only():
     torch.manual_seed(0)
-    model = build_model("none", image_size=SIZE)
+    model = build_model(image_size=SIZE)
     x = torch.randn(2, 3, SIZE, SIZE)
     model.eval()
     with torch.inference_mode():
@@ -47,33 +47,41 @@ def test_logit_offset_applies_in_eval_mode_only():
 
 def test_size_limits_and_aux_head():
     with pytest.raises(ValueError, match=">= 75"):
-        build_model("none", image_size=64)
+        build_model(image_size=64)
     with pytest.raises(ValueError, match="299"):
-        build_model("none", image_size=256, aux_logits=True)
-    model = build_model("none", image_size=299, aux_logits=True).train()
+        build_model(image_size=256, aux_logits=True)
+    model = build_model(image_size=299, aux_logits=True).train()
     out = model(torch.zeros(2, 3, 299, 299))
     assert out.logits.shape == (2, 6) and out.aux_logits.shape == (2, 6)
 
 
-def test_imagenet_offline_error_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
-    # Point torch's cache at an empty folder so the (offline) download is really attempted.
+def test_imagenet_download_failure_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    # An empty torch cache and an unreachable proxy: the download is really attempted and fails, as offline.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="--weights /path/to/"):
-        build_model("imagenet", image_size=SIZE)
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(WeightsError, match="--weights /path/to/"):
+        load_backbone("imagenet")
 
 
-def test_local_state_dict_weights_load(tmp_path):
+def test_local_state_dict_weights_load_and_foreign_files_are_refused(tmp_path):
     torch.manual_seed(1)
-    source = build_model("none", image_size=SIZE)
+    source = build_model(image_size=SIZE)
     torch.save(source.state_dict(), tmp_path / "w.pth")
     torch.save(source.net.state_dict(), tmp_path / "torchvision-style.pth")  # keys without the wrapper's "net."
-    model = build_model(str(tmp_path / "w.pth"), image_size=SIZE)
-    plain = build_model(str(tmp_path / "torchvision-style.pth"), image_size=SIZE)
+    model = build_model(load_backbone(str(tmp_path / "w.pth")), image_size=SIZE)
+    plain = build_model(load_backbone(str(tmp_path / "torchvision-style.pth")), image_size=SIZE)
     for name in ("net.Conv2d_1a_3x3.conv.weight", "net.Mixed_7c.branch1x1.conv.weight"):
         assert torch.equal(dict(plain.named_parameters())[name], dict(source.named_parameters())[name])
         assert torch.equal(dict(model.named_parameters())[name], dict(source.named_parameters())[name])
-    with pytest.raises(FileNotFoundError):
-        build_model(str(tmp_path / "nope.pth"), image_size=SIZE)
+    assert load_backbone("none") is None
+    with pytest.raises(WeightsError, match="nope.pth: no such file"):
+        load_backbone(str(tmp_path / "nope.pth"))
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="not an InceptionV3 state dict"):
+        load_backbone(str(tmp_path / "other.pth"))
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(WeightsError, match="not a torch state dict"):
+        load_backbone(str(tmp_path / "text.pth"))
 
 
 def test_weighted_bce_equals_the_competition_metric():
@@ -95,7 +103,7 @@ def test_to_model_input_normalises_per_channel():
 def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = build_model("none", image_size=SIZE)
+    model = build_model(image_size=SIZE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_one_epoch(model, _batches(), optimizer, WeightedBCE(), device)
@@ -103,7 +111,7 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     val = list(_batches(seed=9))
-    metrics = evaluate(model, val, device)
+    metrics = validate(model, val, device)
     y = torch.cat([b["label"] for b in val]).numpy()
     with torch.inference_mode():
         model.eval()
@@ -123,7 +131,7 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
 def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     # BatchNorm cannot train on a single image; an epoch whose shard leaves one image over must go on.
     torch.manual_seed(0)
-    model = build_model("none", image_size=SIZE)
+    model = build_model(image_size=SIZE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = list(_batches())
     single = {"image": batches[0]["image"][:1], "label": batches[0]["label"][:1]}

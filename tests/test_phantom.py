@@ -10,9 +10,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from raysys import phantom
 from raysys.dicom import DicomDecodeError, read_dicom
 from raysys.labels import LABELS, read_labels
+from raysys.synthetic import phantom
 
 SIZE = 128  # small slices keep the suite fast; geometry is in mm, so anatomy scales
 SUBTYPES = [name for name in LABELS if name != "any"]

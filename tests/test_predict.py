@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from raysys.config import Config
+from raysys.config import Config, InferenceConfig
+from raysys.engine import infer
 from raysys.labels import LABELS, read_labels
 from raysys.metrics import per_class_auc, weighted_log_loss
 from raysys.model import build_model, load_checkpoint, save_checkpoint
-from raysys.phantom import PhantomConfig, write_dataset
-from raysys.predict import evaluate, infer, predict, submission
+from raysys.predict import evaluate_predictions, predict_folder, submission
 from raysys.presets import dicom_to_image
+from raysys.synthetic import PhantomConfig, write_dataset
 
 SIZE = 80
 
@@ -24,7 +25,7 @@ def setup(tmp_path_factory):
     frame = write_dataset(root / "data", PhantomConfig(studies=3, slices_per_study=(5, 6), size=128, seed=4,
                                                        quirks=True, quirk_files=1))
     torch.manual_seed(0)
-    model = build_model("none", image_size=SIZE)
+    model = build_model(image_size=SIZE)
     model.logit_offset.copy_(torch.tensor([-3.0, -2, -2, -2, -2, -1]))
     ck = save_checkpoint(root / "ck", model, config=Config().replace(**{"data.image_size": SIZE}).to_dict(), epoch=1,
                          metrics={}, extra_meta={"label_prior": [0.01, 0.05, 0.04, 0.05, 0.06, 0.14]})
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def preds(ray_session, setup):
     root, _, ck = setup
-    return predict(ck, str(root / "data" / "dicoms"), batch_size=4, actors=1, progress=False)
+    return predict_folder(ck, str(root / "data" / "dicoms"), InferenceConfig(batch_size=4, actors=1), progress=False)
 
 
 def test_one_row_per_readable_image_equal_to_calling_the_model(setup, preds):
@@ -81,7 +82,7 @@ def test_submission_follows_the_sample_and_refuses_missing_images(setup, preds, 
 
 def test_evaluate_matches_the_metrics_module(setup, preds, tmp_path):
     root, _, ck = setup
-    metrics = evaluate(preds, str(root / "data" / "labels.csv"), ck, tmp_path)
+    metrics = evaluate_predictions(preds, str(root / "data" / "labels.csv"), ck, str(tmp_path))
     table = read_labels(root / "data" / "labels.csv")
     ids = preds.frame["image_id"]
     y = table.loc[ids, list(LABELS)].to_numpy(float)
@@ -90,6 +91,8 @@ def test_evaluate_matches_the_metrics_module(setup, preds, tmp_path):
     prior = np.tile([0.01, 0.05, 0.04, 0.05, 0.06, 0.14], (len(y), 1))
     assert metrics["prior_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, prior))
     auc = per_class_auc(y, p)
-    assert all(np.isnan(auc[n]) and np.isnan(metrics["per_class_auc"][n]) or auc[n] == pytest.approx(metrics["per_class_auc"][n]) for n in LABELS)
+    for name in LABELS:
+        got = metrics["per_class_auc"][name]
+        assert (np.isnan(auc[name]) and np.isnan(got)) or auc[name] == pytest.approx(got)
     assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == len(y)
     assert (tmp_path / "roc.png").stat().st_size > 0 and (tmp_path / "calibration.png").stat().st_size > 0

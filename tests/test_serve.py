@@ -11,13 +11,14 @@ import requests
 import torch
 from pydicom.data import get_testdata_file
 
-from raysys.config import Config
+from raysys.config import Config, ServeConfig
+from raysys.engine import infer
 from raysys.labels import LABELS
 from raysys.model import build_model, save_checkpoint
-from raysys.phantom import PhantomConfig, write_dataset
-from raysys.predict import infer
 from raysys.presets import dicom_to_image
-from raysys.serve import TOKEN_ENV, build_app, free_port
+from raysys.serve import TOKEN_ENV, build_app
+from raysys.synthetic import PhantomConfig, write_dataset
+from raysys.testing import free_port
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
@@ -26,7 +27,7 @@ RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model("none", image_size=SIZE)
+    model = build_model(image_size=SIZE)
     model.logit_offset.copy_(torch.linspace(-1, 0.5, 6))
     cfg = Config().replace(**{"data.image_size": SIZE})
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "best", model, config=cfg.to_dict(), epoch=2,
@@ -48,7 +49,7 @@ def server(ray_session, checkpoint, request):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     mp = pytest.MonkeyPatch()
     mp.setenv(TOKEN_ENV, "s3cret")  # read by build_app and handed to the replicas
-    serve.run(build_app(str(checkpoint), max_batch_size=4, max_body_bytes=1_000_000), name="raysys",
+    serve.run(build_app(str(checkpoint), ServeConfig(max_batch_size=4, max_body_bytes=1_000_000)), name="raysys",
               route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -1,6 +1,8 @@
 """Ray Train on a real local Ray: 2 CPU workers (gloo), tiny phantom data, checkpoints and resume."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,11 +10,11 @@ import torch
 
 from raysys import data as rdata
 from raysys.config import Config
-from raysys.engine import predict
+from raysys.engine import score_batches
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
 from raysys.model import load_checkpoint
-from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
+from raysys.testing import small_phantom
 from raysys.train import FAIL_ENV, SCORE, fit
 
 SIZE = 80
@@ -21,8 +23,7 @@ SIZE = 80
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-phantom")
-    write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=5,
-                                     prevalence=DENSE_PREVALENCE))
+    small_phantom(out, seed=5)
     return out
 
 
@@ -47,7 +48,7 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     assert list(history["start_epoch"]) == [1, 2]  # the restarted group began at epoch 2, not 0
     assert np.allclose(history["lr"], 1e-3 * 0.5 ** (history["epoch"] - 1))  # lr x decay^epoch
     assert history[SCORE].notna().all() and (history["train_images"] > 0).all()
-    run_dir = result.run_dir
+    run_dir = Path(result.run_dir)
     for name in ("metrics.csv", "curves.png", "config.yaml", "errors.csv", "split.csv"):
         assert (run_dir / name).is_file(), name
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 2
@@ -61,7 +62,7 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     rows = rdata.image_dataset(val, found, size=SIZE).take_all()
     batches = [{"image": torch.as_tensor(np.stack([r["image"] for r in rows])),
                 "label": torch.as_tensor(np.stack([r["label"] for r in rows]))}]
-    out = predict(ck.model, batches, torch.device("cpu"))
+    out = score_batches(ck.model, batches, torch.device("cpu"))
     assert weighted_log_loss(out["labels"], out["probabilities"]) == pytest.approx(result.best_metrics[SCORE], abs=1e-4)
     assert ck.meta["labels"] == list(LABELS) and ck.meta["image_size"] == SIZE
 

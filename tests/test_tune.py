@@ -7,22 +7,22 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from raysys.config import Config
 from raysys.model import load_checkpoint
-from raysys.phantom import DENSE_PREVALENCE, PhantomConfig, write_dataset
+from raysys.testing import small_phantom
 from raysys.train import SCORE
-from raysys.tune import RUNGS_FILE, SweepConfig, max_concurrent_trials, sweep
+from raysys.tune import RUNGS_FILE, max_concurrent_trials, sweep
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune-phantom")
-    write_dataset(out, PhantomConfig(studies=10, slices_per_study=(4, 5), size=96, seed=7,
-                                     prevalence=DENSE_PREVALENCE))
+    small_phantom(out, seed=7)
     return out
 
 
@@ -31,10 +31,10 @@ DRIVER = """
 import json, sys
 import ray
 from raysys.config import from_dict
-from raysys.tune import SweepConfig, sweep
-base, sweep_kw, out, address = json.loads(sys.argv[1])
+from raysys.tune import sweep
+base, address = json.loads(sys.argv[1])
 ray.init(address=address, log_to_driver=False)
-sweep(from_dict(base, {}), SweepConfig(**sweep_kw), out=out, name="s")
+sweep(from_dict(base, {}))
 """
 
 
@@ -61,26 +61,28 @@ def _kill_driver_after_first_result(cmd, env, tuner_dir, timeout=300):
 
 
 def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best(ray_session, phantom, tmp_path):
+    # Learning rates from 1e-5 to 1: the large ones wreck the model, so ASHA has losers to stop.
     cfg = Config().replace(**{
         "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"), "data.image_size": 80,
         "data.val_fraction": 0.3, "model.weights": "none", "train.batch_size": 4, "train.workers": 1,
-        "train.max_steps_per_epoch": 2,
+        "train.max_steps_per_epoch": 2, "sweep.storage_path": str(tmp_path), "sweep.name": "s",
+        "sweep.num_samples": 4, "sweep.max_epochs": 2, "sweep.grace_period": 1, "sweep.reduction_factor": 2,
+        "sweep.lr_min": 1e-5, "sweep.lr_max": 1.0, "sweep.seed": 3,
     })
     assert max_concurrent_trials(cfg) == 2  # 2 CPUs // (one 0.5-CPU worker + 0.5 CPU kept for decoding)
-    # Learning rates from 1e-5 to 1: the large ones wreck the model, so ASHA has losers to stop.
-    sweep_kw = dict(num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2, lr_min=1e-5, lr_max=1.0, seed=3)
 
     # The first driver is killed as soon as one trial has reported ...
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    cmd = [sys.executable, "-c", DRIVER, json.dumps([cfg.to_dict(), sweep_kw, str(tmp_path), address])]
+    cmd = [sys.executable, "-c", DRIVER, json.dumps([cfg.to_dict(), address])]
     tuner_dir = tmp_path / "s" / "tuner"
     _kill_driver_after_first_result(cmd, env, tuner_dir)
     before = {name: rows for name, rows in _reported(tuner_dir).items() if rows}
     assert not (tmp_path / "s" / "trials.csv").exists()
 
     # ... and the same sweep relaunched under the same name resumes it: same trials, their results kept.
-    result = sweep(cfg, SweepConfig(**sweep_kw), out=tmp_path, name="s")
+    result = sweep(cfg)
+    sweep_dir = Path(result.sweep_dir)
     after = _reported(tuner_dir)
     assert set(before) <= set(after) and len(after) == 4  # no fresh sweep: the interrupted trials carried on
     for name, rows in before.items():
@@ -91,7 +93,7 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
     epoch_1 = {r["trial_id"]: r[SCORE] for rows in after.values() for r in rows if r["epoch"] == 1}
     assert {t: -v for t, v in first_rung.items()} == pytest.approx(epoch_1)
 
-    trials = pd.read_csv(result.sweep_dir / "trials.csv")
+    trials = pd.read_csv(sweep_dir / "trials.csv")
     assert len(trials) == 4 and trials["error"].isna().all()  # empty in the CSV: no trial failed
     assert trials["stopped_early"].any() and (trials["epochs_run"] < 2).any()
     assert (trials["epochs_run"] == 2).any()
@@ -100,8 +102,8 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
 
     # trials.csv agrees with what each trial reported to Tune (Tune's own result.json per trial).
     for _, row in trials.iterrows():
-        (trial_dir,) = (result.sweep_dir / "tuner").glob(f"*{row['trial']}_*")
-        assert (result.sweep_dir / "trials" / row["trial"] / "config.yaml").is_file()  # its own Train run
+        (trial_dir,) = (sweep_dir / "tuner").glob(f"*{row['trial']}_*")
+        assert (sweep_dir / "trials" / row["trial"] / "config.yaml").is_file()  # its own Train run
         reported = pd.DataFrame([json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()])
         assert row["best_" + SCORE] == pytest.approx(reported[SCORE].min())
         assert row["epochs_run"] == reported["epoch"].max()
@@ -109,9 +111,9 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
 
     # best/ is the checkpoint of the trial with the lowest reported metric, and it loads.
     winner = trials.loc[trials["best_" + SCORE].idxmin()]
-    summary = json.loads((result.best_dir / "metrics.json").read_text())
+    summary = json.loads((Path(result.best_dir) / "metrics.json").read_text())
     assert summary["trial"] == winner["trial"]
     assert summary[SCORE] == pytest.approx(winner["best_" + SCORE])
     ck = load_checkpoint(result.best_dir)
     assert ck.meta["metrics"][SCORE] == pytest.approx(winner["best_" + SCORE])
-    assert (result.sweep_dir / "sweep.png").stat().st_size > 0
+    assert (sweep_dir / "sweep.png").stat().st_size > 0

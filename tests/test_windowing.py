@@ -13,7 +13,7 @@ from raysys.windowing import (
     BONE,
     BRAIN,
     DEFAULT_WINDOWS,
-    PRESETS,
+    NAMED_WINDOWS,
     SOFT_TISSUE,
     SUBDURAL,
     Window,
@@ -123,7 +123,7 @@ def test_presets():
     assert (SUBDURAL.center, SUBDURAL.width) == (80, 200)
     assert (SOFT_TISSUE.center, SOFT_TISSUE.width) == (40, 380)
     assert (BONE.center, BONE.width) == (600, 2800)
-    assert PRESETS == {"brain": BRAIN, "subdural": SUBDURAL, "soft_tissue": SOFT_TISSUE, "bone": BONE}
+    assert NAMED_WINDOWS == {"brain": BRAIN, "subdural": SUBDURAL, "soft_tissue": SOFT_TISSUE, "bone": BONE}
     assert DEFAULT_WINDOWS == (BRAIN, SUBDURAL, SOFT_TISSUE)
     assert AIR_HU == -1024.0
 

@@ -1,0 +1,184 @@
+"""One filesystem layer for every file raysys reads or writes: local paths and URIs (s3://, gs://, file://).
+
+Local paths are made absolute once, where configuration is built (`resolve`), so nothing that
+runs later (Tune trials, Train workers, Ray Data tasks, Serve replicas) depends on a working
+directory. Everything else goes through pyarrow's filesystems, the same layer Ray Data and
+Ray Train use, so `--labels s3://...` works wherever `--data s3://...` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str | Path | None) -> str:
+    """Absolute local path (with ~ expanded); URIs and "" pass through untouched."""
+    if path is None or str(path) == "" or is_uri(path):
+        return "" if path is None else str(path)
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI."""
+    base = str(base)
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def sibling(path: str | Path, name: str) -> str:
+    """The file `name` in the same folder as `path`."""
+    path = resolve(path)
+    return posixpath.join(posixpath.dirname(path), name) if is_uri(path) else os.path.join(os.path.dirname(path), name)
+
+
+def with_scheme(path: str, like: str) -> str:
+    """A path as Ray reports it for object storage ("bucket/key") back as a URI of `like`'s scheme."""
+    if is_uri(path) or not is_uri(like):
+        return path
+    return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
+def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    target = resolve(path)
+    try:
+        return pafs.FileSystem.from_uri(target)
+    except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme
+        raise ValueError(f"{path}: not a path or a supported URI ({e})") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    fs, where = _filesystem(path)
+    try:
+        with fs.open_input_stream(where) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder, expected a file") from None
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode()
+
+
+def open_bytes(path: str | Path) -> io.BytesIO:
+    """The whole file as a seekable in-memory file (for pandas and yaml readers)."""
+    return io.BytesIO(read_bytes(path))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a whole file, creating its parent folders (no partial file is left on failure for local paths)."""
+    fs, where = _filesystem(path)
+    fs.create_dir(posixpath.dirname(where) if is_uri(path) else os.path.dirname(where), recursive=True)
+    if not is_uri(path):
+        tmp = f"{where}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, where)
+        return
+    with fs.open_output_stream(where) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def make_dirs(path: str | Path) -> None:
+    fs, where = _filesystem(path)
+    fs.create_dir(where, recursive=True)
+
+
+def exists(path: str | Path) -> bool:
+    fs, where = _filesystem(path)
+    return fs.get_file_info(where).type != pafs.FileType.NotFound
+
+
+def is_file(path: str | Path) -> bool:
+    fs, where = _filesystem(path)
+    return fs.get_file_info(where).type == pafs.FileType.File
+
+
+def is_dir(path: str | Path) -> bool:
+    fs, where = _filesystem(path)
+    return fs.get_file_info(where).type == pafs.FileType.Directory
+
+
+def tree_size(path: str | Path) -> int:
+    """Bytes of all files under a folder."""
+    fs, where = _filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    return sum(info.size for info in infos if info.type == pafs.FileType.File)
+
+
+def remove_file(path: str | Path) -> None:
+    fs, where = _filesystem(path)
+    fs.delete_file(where)
+
+
+def remove_tree(path: str | Path) -> None:
+    fs, where = _filesystem(path)
+    if fs.get_file_info(where).type == pafs.FileType.Directory:
+        fs.delete_dir(where)
+
+
+def copy_tree(source: str | Path, destination: str | Path) -> None:
+    """Replace `destination` with a copy of the folder `source` (either may be local or a URI)."""
+    remove_tree(destination)
+    make_dirs(destination)
+    src_fs, src = _filesystem(source)
+    dst_fs, dst = _filesystem(destination)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def local_dir(path: str | Path) -> Path:
+    """A local folder with the contents of `path`: the folder itself, or a download of a URI.
+
+    Downloads go to a per-URI folder under the system temp dir and are reused by later calls
+    in any process on the node (checkpoints are written once and never changed in place).
+    """
+    if not is_uri(path):
+        return Path(resolve(path))
+    cache = Path(tempfile.gettempdir()) / "raysys-downloads" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    if not (cache / ".complete").is_file():
+        if not is_dir(path):
+            raise FileNotFoundError(f"{path}: no such folder")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache.parent))
+        src_fs, src = _filesystem(path)
+        pafs.copy_files(src, str(partial), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        (partial / ".complete").write_text(str(path))
+        try:
+            partial.rename(cache)
+        except OSError:  # another process finished the same download first
+            pass
+    return cache
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON: NaN and infinities become null (other parsers reject Python's NaN tokens)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return _finite(obj.item())
+    return obj
