@@ -233,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     address = {"default": None, "help": "Ray address (default: start or join a local Ray)"}
 
+    from raysys.synthetic import PhantomConfig
+
     p = sub.add_parser("synth", help="write a synthetic head-CT dataset (DICOMs + labels.csv)")
     p.add_argument("out")
-    p.add_argument("--studies", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--studies", type=int, default=PhantomConfig.studies)
+    p.add_argument("--seed", type=int, default=PhantomConfig.seed)
+    p.add_argument("--size", type=int, default=PhantomConfig.size)
     p.add_argument("--quirks", action="store_true", help="inject RSNA's file defects")
     p.set_defaults(func=cmd_synth)
 

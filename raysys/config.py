@@ -13,6 +13,8 @@ import yaml
 from raysys import storage
 from raysys.windowing import DEFAULT_WINDOWS, format_windows
 
+CONFIG_FILE = "config.yaml"  # the resolved config, beside every run, sweep and checkpoint
+
 
 class InputError(Exception):
     """What the user gave (a flag, a file, weights, data) cannot work; the message says what and how to fix it.
@@ -286,5 +288,6 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    storage.write_text(path, config_yaml(cfg))
+def save_config(cfg: Config, folder: str | Path) -> None:
+    """`folder/config.yaml`: the resolved config beside a run or a sweep."""
+    storage.write_text(storage.join(folder, CONFIG_FILE), config_yaml(cfg))

@@ -137,8 +137,9 @@ def serve_and_ask(best: Path, test: pd.DataFrame, n: int) -> list[dict]:
     from raysys.testing import free_port
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(best)), name="raysys", route_prefix="/")
+    quiet = {"log_level": "WARNING", "enable_access_log": False}  # the demo prints each answer itself
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    serve.run(build_app(str(best)), name="raysys", route_prefix="/", logging_config=quiet)
     url = f"http://127.0.0.1:{port}/v1/predict"
     print(f"   endpoint: {url}")
     chosen = pd.concat([test[test["any"] == 1].head(n // 2), test[test["any"] == 0].head(n - n // 2)])

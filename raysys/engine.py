@@ -46,6 +46,8 @@ INFERENCE_AMP = "auto"
 def _inputs(images: torch.Tensor | np.ndarray, model: nn.Module, device: torch.device) -> torch.Tensor:
     """(B, C, S, S) uint8 -> the model's normalised float input on `device` (channels_last on CUDA)."""
     contract = unwrap(model).contract
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # Ray Data hands out read-only views; torch refuses to wrap those silently
     x = to_model_input(torch.as_tensor(images).to(device, non_blocking=True), contract.mean, contract.std)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 

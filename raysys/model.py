@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import Inception_V3_Weights, inception_v3
 
 from raysys import storage
-from raysys.config import InputError
+from raysys.config import CONFIG_FILE, InputError
 from raysys.labels import LABELS
 
 MIN_SIZE = 75  # InceptionV3's smallest input without the aux head
@@ -21,7 +21,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_FILE = "model.pt"  # weights + optimizer + scheduler + epoch
 META_FILE = "meta.json"  # everything needed to reproduce preprocessing, readable without torch
-CONFIG_FILE = "config.yaml"  # the resolved run config
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def roc_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray) -> str:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # no label has both classes: nothing to plot, nothing to name
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -112,6 +113,7 @@ def calibration_plot(path: str | Path, y_true: np.ndarray, y_pred: np.ndarray, b
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed frequency")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -26,6 +26,12 @@ def process_env() -> dict[str, str]:
         "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations otherwise asks PyPI for its version in every process
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Train V2 sends a worker's print() both to a logger and stdout: twice
         "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data's per-dataset INFO lines ("Starting execution of ...")
+        # Tune's new output engine prints its experiment box and status tables even at verbose=0; with the
+        # classic engine verbose=0 is silent, and raysys.tune.TrialLog writes one line per trial event.
+        "RAY_AIR_NEW_OUTPUT": "0",
+        # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": the epoch lines
+        # of two trials would hide each other.
+        "RAY_DEDUP_LOGS": "0",
     }
     if not interactive():
         env["RAY_TQDM"] = "0"  # no bars redrawn with \r and cursor-up codes: Ray Data logs progress at INFO instead

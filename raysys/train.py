@@ -96,7 +96,6 @@ def put_backbone(cfg: Config) -> ray.ObjectRef | None:
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Resolve the weights, scan and split the data, then train with TorchTrainer; the same name resumes."""
     backbone = put_backbone(cfg)
-    save_config(cfg, storage.join(run_dir_for(cfg), "config.yaml"))
     split = load_split(cfg, run_dir_for(cfg))
     return fit_split(cfg, split, backbone, callbacks)
 
@@ -104,7 +103,7 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
 def fit_split(cfg: Config, split: Split, backbone: ray.ObjectRef | None, callbacks: list | None = None) -> FitResult:
     """Train on an already scanned split with already resolved weights (a sweep's trials share both)."""
     run_dir = run_dir_for(cfg)
-    save_config(cfg, storage.join(run_dir, "config.yaml"))
+    save_config(cfg, run_dir)
     split.save(run_dir)
     result = build_trainer(cfg, split, callbacks, backbone).fit()
     return finish(run_dir, result)

@@ -122,7 +122,7 @@ def sweep(cfg: Config) -> SweepResult:
     cfg = cfg.replace(**{"train.epochs": s.max_epochs, "train.storage_path": storage.join(sweep_dir, "trials"),
                          **({"train.workers": s.workers_per_trial} if s.workers_per_trial else {})})
     backbone = put_backbone(cfg)  # once, on this driver, before any data is scanned or trial started
-    save_config(cfg, storage.join(sweep_dir, "config.yaml"))
+    save_config(cfg, sweep_dir)
     split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone,

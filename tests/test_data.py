@@ -79,6 +79,39 @@ def test_split_keeps_patients_whole_and_is_deterministic(scanned):
     assert all(a.isdisjoint(b) for i, a in enumerate(patients) for b in patients[i + 1:])
 
 
+def _patients(n_positive: int, n_negative: int, slices: int = 3) -> pd.DataFrame:
+    """An index of whole patients: the first n_positive have a bleed on one slice each."""
+    rows = []
+    for p in range(n_positive + n_negative):
+        for k in range(slices):
+            bleed = int(p < n_positive and k == 1)
+            rows.append({"image_id": f"ID_{p:03d}_{k}", "patient_id": f"P{p:03d}", "study_id": f"S{p:03d}",
+                         **dict.fromkeys(LABELS, 0), "subdural": bleed, "any": bleed})
+    return pd.DataFrame(rows).set_index("image_id", drop=False)
+
+
+@pytest.mark.parametrize("n_positive", [2, 3, 7, 10])
+@pytest.mark.parametrize("val_fraction", [0.1, 0.2, 0.5])
+def test_validation_gets_a_patient_with_a_bleed_whenever_two_have_one(n_positive, val_fraction):
+    index = _patients(n_positive, 40)
+    for seed in range(10):
+        train, val = rdata.split_by_patient(index, val_fraction=val_fraction, seed=seed)
+        assert set(train["patient_id"]).isdisjoint(val["patient_id"])
+        assert val["any"].sum() >= 1 and train["any"].sum() >= 1, (seed, n_positive, val_fraction)
+        assert not rdata.degenerate_validation(val)
+
+
+def test_a_single_patient_with_a_bleed_trains_and_validation_is_marked_degenerate():
+    index = _patients(1, 20)
+    for seed in range(5):
+        train, val = rdata.split_by_patient(index, val_fraction=0.2, seed=seed)
+        assert train["any"].sum() == 1 and val["any"].sum() == 0
+        assert rdata.degenerate_validation(val)
+    # k folds with fewer patients with a bleed than folds: the folds past them are degenerate, and say so.
+    folds = [rdata.split_by_patient(_patients(3, 30), folds=5, fold=k, seed=0)[1] for k in range(5)]
+    assert [rdata.degenerate_validation(f) for f in folds] == [False, False, False, True, True]
+
+
 def test_split_falls_back_to_study_when_patient_id_is_empty(scanned):
     index = scanned[0].index.assign(patient_id="")
     train, val = rdata.split_by_patient(index, val_fraction=0.25, seed=1)

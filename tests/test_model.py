@@ -118,6 +118,9 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
         p = torch.cat([torch.sigmoid(model(to_model_input(b["image"], model.contract.mean, model.contract.std))) for b in val])
     assert metrics["val_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p.numpy()), rel=1e-5)
     assert set(metrics["val_per_class_auc"]) == set(LABELS)
+    assert metrics["val_positives"] == int(y[:, LABELS.index("any")].sum()) > 0 and metrics["val_degenerate"] == 0
+    negatives = [{**b, "label": torch.zeros_like(b["label"])} for b in val]
+    assert validate(model, negatives, device)["val_degenerate"] == 1  # no bleed: the score only measures negatives
 
     cfg = {"data": {"windows": "brain,subdural,soft_tissue"}}
     save_checkpoint(tmp_path / "ck", model, config=cfg, epoch=3, metrics=metrics, optimizer=optimizer)

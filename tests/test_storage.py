@@ -1,0 +1,56 @@
+"""raysys.storage: one filesystem layer for local paths and URIs (checked here through file:// URIs)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from raysys import storage
+from raysys.labels import LABELS, read_labels
+
+
+def test_resolve_makes_local_paths_absolute_and_leaves_uris_and_empty_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve("a/b.csv") == os.path.join(str(tmp_path), "a", "b.csv")
+    assert storage.resolve("s3://bucket/key") == "s3://bucket/key"
+    assert storage.resolve("") == ""
+    assert storage.join("gs://b/runs", "x", "y.csv") == "gs://b/runs/x/y.csv"
+    assert storage.with_scheme("bucket/runs/ck", "s3://bucket/runs") == "s3://bucket/runs/ck"
+    assert storage.with_scheme("/local/ck", "/local") == "/local/ck"
+
+
+def test_read_write_copy_and_download_through_uris(tmp_path):
+    root = f"file://{tmp_path}"
+    storage.write_text(f"{root}/run/sub/a.txt", "hello")
+    assert (tmp_path / "run" / "sub" / "a.txt").read_text() == "hello"  # parent folders made
+    assert storage.read_text(f"{root}/run/sub/a.txt") == "hello"
+    assert storage.is_file(f"{root}/run/sub/a.txt") and storage.is_dir(f"{root}/run")
+    assert not storage.exists(f"{root}/run/missing")
+    with pytest.raises(FileNotFoundError, match="missing.txt: no such file"):
+        storage.read_bytes(f"{root}/missing.txt")
+    storage.copy_tree(f"{root}/run", f"{root}/copy")
+    assert (tmp_path / "copy" / "sub" / "a.txt").read_text() == "hello"
+    local = storage.local_dir(f"{root}/copy")
+    assert (local / "sub" / "a.txt").read_text() == "hello" and local != tmp_path / "copy"
+    assert storage.tree_size(str(tmp_path / "copy")) == 5
+
+
+def test_labels_are_read_through_the_same_layer(tmp_path):
+    rows = ["ID,Label"] + [f"ID_a_{name},{int(name in ('subdural', 'any'))}" for name in LABELS]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    table = read_labels(f"file://{tmp_path}/labels.csv")
+    assert table.loc["ID_a", "subdural"] == 1 and table.loc["ID_a", "epidural"] == 0
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        read_labels(f"file://{tmp_path}/nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv: empty file"):
+        read_labels(str(tmp_path / "empty.csv"))
+
+
+def test_json_is_strict_nan_and_infinity_become_null():
+    import numpy as np
+
+    text = storage.to_json({"a": math.nan, "b": [math.inf, 1.5], "c": np.float32(2.0), "d": np.float64("nan")})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": 2.0, "d": None}
+    assert "NaN" not in text and "Infinity" not in text
