@@ -101,13 +101,12 @@ class TrialLog(tune.Callback):
         log.error("trial %s failed: %s", trial.trial_id, trial.error_file or "see trials.csv")
 
 
-def run_trial(config: dict, base: dict, split: Split, backbone: ray.ObjectRef | None, trials_path: str) -> None:
+def run_trial(config: dict, base: dict, split: Split, backbone: ray.ObjectRef | None) -> None:
     """One Tune trial: a whole Ray Train run with this trial's lr and decay, metrics sent to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()  # the Train run is named after its trial
-    cfg = from_dict(base, {"train.lr": config["lr"], "train.decay": config["decay"],
-                           "train.storage_path": trials_path, "train.name": trial_id})
+    trial_id = tune.get_context().get_trial_id()  # the Train run is named after its trial, under the sweep's trials/
+    cfg = from_dict(base, {"train.lr": config["lr"], "train.decay": config["decay"], "train.name": trial_id})
     fit_split(cfg, split, backbone, callbacks=[TuneReportCallback()])
 
 
@@ -125,8 +124,7 @@ def sweep(cfg: Config) -> SweepResult:
     save_config(cfg, sweep_dir)
     split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone,
-                             trials_path=cfg.train.storage_path),
+        tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone),
         {"CPU": 0.01},  # the trial driver only waits on its Train run; its CPU goes to decoding
     )
     tuner_path = storage.join(sweep_dir, "tuner")
