@@ -11,9 +11,10 @@ On the same files, in the same run, each path warmed up on a small pass first:
                 plus augmentation (per_core_augmented_ips, the ideal per core for what ray_data does)
   dataloader    torch DataLoader(num_workers=2, batch_size=32) over a Dataset whose __getitem__ reads the
                 file, decodes it with dicom_to_image and augments it with build_augment(AugmentConfig())
-                seeded per image exactly as Ray Data is (raysys.data.image_seed)
+                seeded per image exactly as Ray Data is (raysys.augment.image_seed)
   cache         raysys.data.prepare(...) once (prepare_s), then one epoch of image_dataset without
-                augmentation from the Parquet cache vs from the DICOMs, same images (cache_speedup)
+                augmentation from the cache (zstd Parquet shards, read shard by shard) vs from the DICOMs,
+                same images in the same order (cache_speedup)
 
 Without --data a phantom dataset of 512 x 512 slices is written to a temporary folder (labels
 included). Ray runs locally on --num-cpus (default: all cores) unless --address is given.
@@ -36,6 +37,7 @@ import torch
 from _common import add_ray_flags, emit, init_ray, input_data, log, machine
 
 from raysys import data as rdata
+from raysys.augment import build_augment, image_seed
 from raysys.config import AugmentConfig, DataConfig
 from raysys.labels import LABELS
 from raysys.presets import dicom_to_image
@@ -58,9 +60,9 @@ class DecodeAugment(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self.augment is None:
-            self.augment = rdata.build_augment(AugmentConfig())
+            self.augment = build_augment(AugmentConfig())
         image, _ = dicom_to_image(self.paths[i], WINDOWS, self.size)  # (C, S, S) uint8
-        self.augment.set_random_seed(rdata.image_seed(self.seed, self.epoch, self.ids[i]))
+        self.augment.set_random_seed(image_seed(self.seed, self.epoch, self.ids[i]))
         image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image))}
         if self.labels is not None:
@@ -158,16 +160,19 @@ def main(argv: list[str] | None = None) -> dict:
 
             cache = Path(tmp) / "cache"
             start = time.perf_counter()
-            stats = rdata.prepare(str(data), cache, windows=WINDOWS, size=size, max_error_fraction=1.0)
+            stats = rdata.prepare(DataConfig(data=str(data), labels=str(labels) if labels else "", windows=WINDOWS,
+                                             image_size=size, max_error_fraction=1.0), str(cache))
             prepare_s = time.perf_counter() - start
             log(f"{'prepare':14s} {stats['images']} images  {prepare_s:6.2f} s")
+            cached = rdata.scan(str(cache), str(cache / "labels.csv") if labels else None, training=False,
+                                max_error_fraction=1.0)
 
             def plain(source):
                 return lambda rows: rdata.image_dataset(rows, source, windows=WINDOWS, size=size,
                                                         with_labels=bool(labels))
 
             dicom_s = timed_epoch(plain(found), index, columns, bs, "dicom_epoch")
-            cache_s = timed_epoch(plain(str(cache)), index, columns, bs, "cache_epoch")
+            cache_s = timed_epoch(plain(cached), cached.index.loc[index.index], columns, bs, "cache_epoch")
         finally:
             ray.shutdown()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -66,6 +68,59 @@ def infer(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.dev
     return p.cpu().numpy()
 
 
+class Prefetch:
+    """Iterates `make()` in a background thread, up to `depth` items ahead, from the moment it is created.
+
+    Made for the next epoch while the current one trains, its first batches are waiting when it begins
+    (a Ray dataset's pipeline otherwise starts from nothing each epoch). An error in the background is
+    raised where the items are consumed; close() stops the thread (after an epoch cut short).
+    """
+
+    _END = object()
+
+    def __init__(self, make: Callable[[], Iterable], depth: int = 2):
+        self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make,), daemon=True, name="raysys-prefetch")
+        self._thread.start()
+
+    def _fill(self, make: Callable[[], Iterable]) -> None:
+        try:
+            for item in make():
+                if not self._offer(item):
+                    return
+            self._offer(self._END)
+        except BaseException as error:  # handed to the consumer and raised there
+            self._offer(_Failed(error))
+
+    def _offer(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._items.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict],
@@ -76,9 +131,14 @@ def train_one_epoch(
     amp: bool = False,
     aux_weight: float = 0.4,
     max_steps: int = 0,
+    augment: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed."""
+    """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed.
+
+    augment: raysys.augment.DeviceAugment (or any f(images, seeds)) applied on the device, seeded by each
+    row's `aug_seed`; None when the data workers augmented already.
+    """
     model.train()
     total_loss, images, steps, skipped, start, first_batch = 0.0, 0, 0, 0, time.perf_counter(), None
     for batch in batches:
@@ -89,7 +149,10 @@ def train_one_epoch(
             # rank meets this last one-image batch at the same step and DDP stays in step.
             skipped += 1
             continue
-        x, y = _inputs(batch["image"], model, device), batch["label"].to(device, non_blocking=True)
+        pixels = batch["image"]
+        if augment is not None:
+            pixels = augment(pixels.to(device, non_blocking=True), batch["aug_seed"].tolist())
+        x, y = _inputs(pixels, model, device), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
         if isinstance(out, tuple):  # InceptionOutputs(logits, aux_logits) when the aux head is on

@@ -116,6 +116,15 @@ def is_dir(path: str | Path) -> bool:
     return fs.get_file_info(where).type == pafs.FileType.Directory
 
 
+def list_files(path: str | Path, suffix: str) -> dict[str, int]:
+    """{file: size in bytes} for every file under a folder (recursively) whose name ends with `suffix`, sorted;
+    URIs keep their scheme."""
+    fs, where = _filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    found = sorted((i.path, i.size) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return {with_scheme(p, str(path)) if is_uri(path) else p: size for p, size in found}
+
+
 def tree_size(path: str | Path) -> int:
     """Bytes of all files under a folder."""
     fs, where = _filesystem(path)

@@ -17,8 +17,9 @@ from ray.train.torch import TorchTrainer
 
 from raysys import data as rdata
 from raysys import storage
+from raysys.augment import DeviceAugment
 from raysys.config import Config, from_dict, save_config
-from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
+from raysys.engine import Prefetch, WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 SCORE = "val_weighted_log_loss"  # checkpoints and Tune rank by it; lower is better
 FAIL_ENV = "RAYSYS_TEST_FAIL_AFTER_EPOCH"  # test-only: kill the worker group once after this epoch
+VAL_COLUMNS = ["image", "label"]
+DTYPES = {"image": torch.uint8, "label": torch.float32, "aug_seed": torch.int64}
+
+
+def train_columns(cfg: Config) -> list[str]:
+    """What a training batch carries: each image's augmentation seed too when the device augments."""
+    return VAL_COLUMNS + (["aug_seed"] if cfg.augment.on == "device" else [])
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,13 @@ def build_datasets(cfg: Config, split: Split) -> dict:
     """
     d = cfg.data
     kwargs = {"windows": d.windows, "size": d.image_size, "decode_cpus": d.decode_cpus}
-    columns = {"cols": ["image", "label"], "num_cpus": d.decode_cpus}  # every op fractional, or 2 cores starve
-    datasets = {"val": rdata.image_dataset(split.val, split.source, **kwargs).select_columns(**columns)}
+    fractional = {"num_cpus": d.decode_cpus}  # every op fractional, or 2 cores starve
+    datasets = {"val": rdata.image_dataset(split.val, split.source, **kwargs).select_columns(VAL_COLUMNS, **fractional)}
     for epoch in range(1, cfg.train.epochs + 1):
         rows = rdata.balance(split.train, epoch=epoch, seed=d.seed, neg_ratio=d.neg_ratio)
         ds = rdata.image_dataset(rows, split.source, **kwargs)
         ds = rdata.augment_dataset(ds, cfg.augment, seed=d.seed, epoch=epoch, decode_cpus=d.decode_cpus)
-        datasets[f"train_{epoch}"] = ds.select_columns(**columns)
+        datasets[f"train_{epoch}"] = ds.select_columns(train_columns(cfg), **fractional)
     return datasets
 
 
@@ -180,20 +188,23 @@ def train_loop(config: dict) -> None:
     start, history = _resume(model, optimizer, scheduler)
     first = start  # where this attempt of the worker group began (> 1 after a resume)
     amp, loss_fn = use_amp(t.amp, device), WeightedBCE().to(device)  # the training step's precision only
-    dtypes = {"image": torch.uint8, "label": torch.float32}
+    augment = DeviceAugment(cfg.augment, cfg.data.image_size, device) if cfg.augment.on == "device" else None
     tag = f"[train {t.name}]"
     if rank == 0 and start > 1:
         print(f"{tag} resuming at epoch {start} of {t.epochs}", flush=True)
-    epoch_seconds = []
+    epoch_seconds, upcoming = [], Prefetch(lambda: _shard(f"train_{start}", cfg, device))
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_torch_batches(
-            batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2)
-        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp,
+        # The next epoch's pipeline starts now, while this one trains: its first batches wait ready at its start.
+        batches, upcoming = upcoming, (Prefetch(lambda e=epoch + 1: _shard(f"train_{e}", cfg, device))
+                                       if epoch < t.epochs else None)
+        val_batches = Prefetch(lambda: _shard("val", cfg, device)) if rank == 0 else None
+        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp, augment=augment,
                                 aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
+        batches.close()
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
-        val = _validate(model, device, t.batch_size, dtypes) if rank == 0 else None
+        val = validate(unwrap(model), val_batches, device) if rank == 0 else None  # the plain module: no DDP on one rank
         val = _broadcast(val)
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),
@@ -230,9 +241,11 @@ def _resume(model, optimizer, scheduler) -> tuple[int, list]:
     return state["epoch"] + 1, meta["metrics"].get("history", [])
 
 
-def _validate(model, device, batch_size, dtypes) -> dict:
-    batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device)
-    return validate(unwrap(model), batches, device)  # the plain module: no DDP collectives on one rank
+def _shard(name: str, cfg: Config, device):
+    """This worker's batches of the dataset `name`, on its device."""
+    columns = VAL_COLUMNS if name == "val" else train_columns(cfg)
+    return ray.train.get_dataset_shard(name).iter_torch_batches(
+        batch_size=cfg.train.batch_size, dtypes={c: DTYPES[c] for c in columns}, device=device, prefetch_batches=2)
 
 
 def _flatten(val: dict) -> dict:

@@ -45,7 +45,8 @@ def test_train_log_is_plain_one_line_per_epoch_and_a_degenerate_validation_is_sa
         ray_session, one_bleeding_patient, tmp_path):
     code, log, _ = _run(["train", "--data", str(one_bleeding_patient / "data" / "dicoms"),
                          "--labels", str(one_bleeding_patient / "data" / "labels.csv"), "--storage-path",
-                         str(tmp_path / "runs"), "--name", "plain", "--epochs", "2", "--workers", "1", *TINY],
+                         str(tmp_path / "runs"), "--name", "plain", "--epochs", "2", "--workers", "1", *TINY,
+                         "--set", "augment.on=device"],  # and the recipe's augmentation in the training step
                         tmp_path, ray_session)
     assert code == 0, log[-3000:]
     assert not ESCAPES.search(log), [line for line in log.splitlines() if ESCAPES.search(line)][:3]

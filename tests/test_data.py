@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from raysys import data as rdata
+from raysys.augment import image_seed
 from raysys.config import AugmentConfig, DataConfig
 from raysys.dicom import read_dicom
 from raysys.labels import LABELS
@@ -184,16 +185,14 @@ def test_augmentation_is_reproducible_keeps_shape_and_range(scanned):
     assert ((image == 0) | (image == 255)).mean() >= 0.02
 
 
-def test_salt_and_pepper_only_writes_range_extremes():
-    import numpy as np
-
-    aug = rdata.build_augment(AugmentConfig(hflip=0, vflip=0, rotate=0, affine=0, elastic=0, salt_pepper=1.0,
-                                            salt_pepper_amount=0.05))
-    aug.set_random_seed(0)
-    image = np.full((64, 64, 3), 100, np.uint8)
-    out = aug(image=image)["image"]
-    changed = out[out != 100]
-    assert changed.size > 0 and set(np.unique(changed)) <= {0, 255}
+def test_device_augmentation_gets_each_images_seed_instead_of_augmented_pixels(scanned):
+    found = scanned[0]
+    rows = found.index.iloc[:6]
+    plain = {r["image_id"]: r["image"] for r in rdata.image_dataset(rows, found, size=SIZE).take_all()}
+    ds = rdata.augment_dataset(rdata.image_dataset(rows, found, size=SIZE), AugmentConfig(on="device"), seed=3, epoch=2)
+    for r in ds.take_all():
+        assert np.array_equal(r["image"], plain[r["image_id"]])
+        assert r["aug_seed"] == image_seed(3, 2, r["image_id"])
 
 
 def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, tmp_path):
@@ -203,17 +202,20 @@ def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, 
                      max_error_fraction=0.05)
     stats = rdata.prepare(cfg, str(tmp_path / "cache"))
     assert stats["images"] == len(found.index) and stats["errors"] == 1
+    assert stats["shards"] == len(list((tmp_path / "cache").glob("shard-*.parquet"))) == -(-stats["images"] // 256)
     assert stats["cache_bytes_per_image"] < stats["dicom_bytes_per_image"]
     assert rdata.is_cache(str(tmp_path / "cache"))
     cached = rdata.scan(str(tmp_path / "cache"), str(tmp_path / "cache" / "labels.csv"), max_error_fraction=0.05)
     assert cached.source == "cache"
     assert sorted(cached.index.index) == sorted(found.index.index)
     assert list(cached.errors["image_id"]) == list(found.errors["image_id"])
-    rows = found.index.iloc[:10]
-    direct = {r["image_id"]: r["image"] for r in rdata.image_dataset(rows, found, size=SIZE).take_all()}
+    direct = {r["image_id"]: r for r in rdata.image_dataset(found.index, found, size=SIZE).take_all()}
+    # An epoch's subset, in a shuffled order: only those images come back, each equal to decoding it directly.
+    rows = cached.index.sample(n=25, random_state=0)
     from_cache = {r["image_id"]: r for r in rdata.image_dataset(rows, cached, size=SIZE).take_all()}
-    assert set(from_cache) == set(direct)
-    for image_id, image in direct.items():
-        assert np.array_equal(from_cache[image_id]["image"], image)
+    assert sorted(from_cache) == sorted(rows.index)
+    for image_id, row in from_cache.items():
+        assert np.array_equal(row["image"], direct[image_id]["image"])
+        assert np.array_equal(row["label"], direct[image_id]["label"])
     with pytest.raises(rdata.DataError, match="cache holds"):
         rdata.image_dataset(rows, cached, size=SIZE + 32)

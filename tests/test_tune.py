@@ -102,7 +102,8 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
 
     # trials.csv agrees with what each trial reported to Tune (Tune's own result.json per trial).
     for _, row in trials.iterrows():
-        (trial_dir,) = (sweep_dir / "tuner").glob(f"*{row['trial']}_*")
+        # A trial started just before the kill gets a second folder on resume; its results are in one of them.
+        (trial_dir,) = [d for d in (sweep_dir / "tuner").glob(f"*{row['trial']}_*") if (d / "result.json").is_file()]
         assert (sweep_dir / "trials" / row["trial"] / "config.yaml").is_file()  # its own Train run
         reported = pd.DataFrame([json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()])
         assert row["best_" + SCORE] == pytest.approx(reported[SCORE].min())
