@@ -79,10 +79,11 @@ def add_ray_flags(parser, address_help: str = "join this Ray cluster instead of 
     parser.add_argument("--out", type=Path, help="also write the JSON here")
 
 
-def init_ray(address: str | None, num_cpus: int) -> int:
+def init_ray(address: str | None, num_cpus: int, dashboard: bool = False) -> int:
     """Start a private local Ray with `num_cpus` (never attach to another one by accident), or join `address`.
 
-    Returns the cluster's CPU count.
+    Ray Train needs the dashboard (its state API cleans up a finished run's placement group). Returns the
+    cluster's CPU count.
     """
     import ray
 
@@ -91,7 +92,7 @@ def init_ray(address: str | None, num_cpus: int) -> int:
     if address:
         runtime.init_ray(address)
     else:
-        runtime.init_ray("local", num_cpus=num_cpus, include_dashboard=False)
+        runtime.init_ray("local", num_cpus=num_cpus, include_dashboard=dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines go to stderr
     return int(ray.cluster_resources().get("CPU", 0))
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         data, labels = (args.data, args.labels) if args.data and is_cache(str(args.data)) else \
             input_data(args.data, args.studies, tmp)
         labels = labels or args.labels
-        cores = init_ray(args.address, args.num_cpus)
+        cores = init_ray(args.address, args.num_cpus, dashboard=True)
         cfg = Config().replace(**{
             "data.data": str(data), "data.labels": str(labels), "data.image_size": args.image_size,
             "model.weights": "none", "augment.on": args.augment_on,
