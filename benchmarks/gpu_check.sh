@@ -20,7 +20,7 @@ fi
 export NO_ALBUMENTATIONS_UPDATE=1
 if [ "${TINY:-0}" = 1 ]; then
   STEP="--batch-sizes 4 --steps 2 --warmup 1 --image-size 96"
-  E2E="--studies 4 --image-size 96 --epochs 2"
+  E2E="--studies 12 --image-size 96 --epochs 2"
   BATCHES="8"
 else
   STEP="--batch-sizes 24,64,256 --steps 30 --warmup 10"
