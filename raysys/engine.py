@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -66,59 +64,6 @@ def infer(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.dev
         if tta == "hflip":
             p = (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float())) / 2
     return p.cpu().numpy()
-
-
-class Prefetch:
-    """Iterates `make()` in a background thread, up to `depth` items ahead, from the moment it is created.
-
-    Made for the next epoch while the current one trains, its first batches are waiting when it begins
-    (a Ray dataset's pipeline otherwise starts from nothing each epoch). An error in the background is
-    raised where the items are consumed; close() stops the thread (after an epoch cut short).
-    """
-
-    _END = object()
-
-    def __init__(self, make: Callable[[], Iterable], depth: int = 2):
-        self._items: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(make,), daemon=True, name="raysys-prefetch")
-        self._thread.start()
-
-    def _fill(self, make: Callable[[], Iterable]) -> None:
-        try:
-            for item in make():
-                if not self._offer(item):
-                    return
-            self._offer(self._END)
-        except BaseException as error:  # handed to the consumer and raised there
-            self._offer(_Failed(error))
-
-    def _offer(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator:
-        while True:
-            item = self._items.get()
-            if item is self._END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def train_one_epoch(

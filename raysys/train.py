@@ -19,7 +19,7 @@ from raysys import data as rdata
 from raysys import storage
 from raysys.augment import DeviceAugment
 from raysys.config import Config, from_dict, save_config
-from raysys.engine import Prefetch, WeightedBCE, train_one_epoch, use_amp, validate
+from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 
@@ -192,19 +192,18 @@ def train_loop(config: dict) -> None:
     tag = f"[train {t.name}]"
     if rank == 0 and start > 1:
         print(f"{tag} resuming at epoch {start} of {t.epochs}", flush=True)
-    epoch_seconds, upcoming = [], Prefetch(lambda: _shard(f"train_{start}", cfg, device))
+    epoch_seconds = []
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        # The next epoch's pipeline starts now, while this one trains: its first batches wait ready at its start.
-        batches, upcoming = upcoming, (Prefetch(lambda e=epoch + 1: _shard(f"train_{e}", cfg, device))
-                                       if epoch < t.epochs else None)
-        val_batches = Prefetch(lambda: _shard("val", cfg, device)) if rank == 0 else None
-        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp, augment=augment,
-                                aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
-        batches.close()
+        # Each epoch's pipeline starts when the epoch does. Starting the next one early (a background thread
+        # holding its first batches) deadlocked two concurrent 2-core trials: the held pipelines' tasks kept
+        # the CPUs the running epochs needed.
+        stats = train_one_epoch(model, _shard(f"train_{epoch}", cfg, device), optimizer, loss_fn, device, amp=amp,
+                                augment=augment, aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
-        val = validate(unwrap(model), val_batches, device) if rank == 0 else None  # the plain module: no DDP on one rank
+        # The plain module on rank 0 alone: no DDP collectives.
+        val = validate(unwrap(model), _shard("val", cfg, device), device) if rank == 0 else None
         val = _broadcast(val)
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),

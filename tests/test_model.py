@@ -143,37 +143,6 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     assert stats["train_skipped_batches"] == 1
 
 
-def test_prefetch_starts_at_once_keeps_order_and_raises_where_consumed():
-    import threading
-
-    from raysys.engine import Prefetch
-
-    produced, ready = [], threading.Event()
-
-    def items():
-        for i in range(5):
-            produced.append(i)
-            if i == 1:
-                ready.set()
-            yield i
-
-    prefetch = Prefetch(items, depth=2)
-    assert ready.wait(10)  # items were made before anyone asked for them ...
-    assert len(produced) <= 3  # ... but only up to `depth` ahead (plus the one waiting to be put)
-    assert list(prefetch) == [0, 1, 2, 3, 4]
-
-    def failing():
-        yield 1
-        raise ValueError("broken shard")
-
-    with pytest.raises(ValueError, match="broken shard"):
-        list(Prefetch(failing))
-    endless = Prefetch(lambda: iter(int, 1))  # never ends: close() must still stop it
-    assert next(iter(endless)) == 0
-    endless.close()
-    assert not endless._thread.is_alive()
-
-
 def test_device_augmentation_runs_inside_the_training_step():
     from raysys.augment import DeviceAugment
     from raysys.config import AugmentConfig
