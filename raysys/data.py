@@ -97,8 +97,9 @@ def _image_id_from_path(path: str) -> str:
 def _decode_rows(batch: dict, windows: tuple[Window, ...] | None, size: int, strict: bool) -> dict:
     """DICOM bytes -> header fields (+ windowed image bytes when `windows` is given).
 
-    A file that fails yields an error row with an empty `image` (no pixels at all,
-    never a stand-in image); with strict=True it raises instead.
+    A file that fails, whatever the exception, yields an error row naming it with an empty `image`
+    (no pixels at all, never a stand-in image): one bad file never stops a scan. With strict=True
+    it raises instead.
     """
     out = {name: [] for name in [*META_COLUMNS, "image", "error"]}
     for data, path in zip(batch["bytes"], batch["path"]):
@@ -108,10 +109,11 @@ def _decode_rows(batch: dict, windows: tuple[Window, ...] | None, size: int, str
             if windows is not None:
                 image = window_pixels(dslice.pixels, dslice.slope, dslice.intercept, windows, size).tobytes()
             meta, error = dslice.meta, ""
-        except DicomDecodeError as e:
+        except Exception as e:
             if strict:
                 raise
-            meta, image, error = None, b"", str(e)
+            reason = str(e) if isinstance(e, DicomDecodeError) else f"{path}: {type(e).__name__}: {e}"
+            meta, image, error = None, b"", reason
         out["image_id"].append(meta.image_id if meta and meta.image_id else _image_id_from_path(path))
         out["path"].append(str(path))
         out["patient_id"].append(meta.patient_id if meta else "")

@@ -37,7 +37,9 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: label must be 0 or 1, got {row['Label']!r} for {row['ID']} ({len(bad)} bad rows)")
     parts = df["ID"].str.rsplit("_", n=1, expand=True)
     if parts.shape[1] != 2 or parts[1].isna().any():
-        raise ValueError(f"{path}: IDs must look like ID_<image>_<subtype>")
+        bad = df["ID"][parts[1].isna()].iloc[0] if parts.shape[1] == 2 else df["ID"].iloc[0]
+        line = int(df.index[df["ID"] == bad][0]) + 2  # the header is line 1
+        raise ValueError(f"{path}: line {line}: ID {bad!r} does not look like ID_<image>_<subtype>")
     # Exact duplicates ("0" and "0.0" alike) are dropped after parsing; conflicting ones stay to be caught.
     frame = pd.DataFrame({"image_id": parts[0], "subtype": parts[1], "label": labels.astype(np.int8)}).drop_duplicates()
     unknown = sorted(set(frame["subtype"]) - set(LABELS))
@@ -58,6 +60,11 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         lacking = [name for name in LABELS if pd.isna(table.loc[image, name])]
         raise ValueError(f"{path}: {image} lacks subtypes {lacking} ({int(holes.sum())} images incomplete)")
     table = table.astype(np.int8)
+    inconsistent = (table[[n for n in LABELS if n != "any"]].max(axis=1) > table["any"])
+    if inconsistent.any():
+        image = table.index[inconsistent][0]
+        raise ValueError(f"{path}: {image} has a subtype labelled 1 but any 0 ({int(inconsistent.sum())} such images); "
+                         "`any` is 1 whenever a subtype is")
     table.columns.name = None
     table.index.name = "image_id"
     return table

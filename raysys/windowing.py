@@ -83,16 +83,21 @@ def _number(value: float) -> str:
 
 
 _buffers = threading.local()
+SCRATCH_SHAPES = 4  # scratch arrays kept per thread: a few shapes cover a data set; a client can't grow it
 
 
 def _float_buffer(shape: tuple[int, int]) -> np.ndarray:
-    """A reused float32 scratch array per thread: fresh 1 MiB arrays cost page faults."""
+    """A reused float32 scratch array per thread and shape, the SCRATCH_SHAPES most recent shapes kept:
+    fresh 1 MiB arrays cost page faults."""
     cache = getattr(_buffers, "cache", None)
     if cache is None:
         cache = _buffers.cache = {}
-    buf = cache.get(shape)
+    buf = cache.pop(shape, None)  # re-inserted below: the dict's order is the order of last use
     if buf is None:
-        buf = cache[shape] = np.empty(shape, np.float32)
+        buf = np.empty(shape, np.float32)
+        while len(cache) >= SCRATCH_SHAPES:
+            cache.pop(next(iter(cache)))
+    cache[shape] = buf
     return buf
 
 

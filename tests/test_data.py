@@ -219,3 +219,18 @@ def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, 
         assert np.array_equal(row["label"], direct[image_id]["label"])
     with pytest.raises(rdata.DataError, match="cache holds"):
         rdata.image_dataset(rows, cached, size=SIZE + 32)
+
+
+def test_a_file_cut_inside_its_header_is_an_error_row_not_a_failed_scan(ray_session, phantom, tmp_path):
+    out, frame = phantom
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    good = list(frame.index[frame["quirk"] == ""][:4])
+    for image_id in good:
+        (folder / f"{image_id}.dcm").write_bytes((out / "dicoms" / f"{image_id}.dcm").read_bytes())
+    whole = (out / "dicoms" / f"{good[0]}.dcm").read_bytes()
+    (folder / "ID_cut.dcm").write_bytes(whole[:200])  # a partly copied file: cut inside an element header
+    found = rdata.scan(str(folder), max_error_fraction=1.0, training=False)
+    assert sorted(found.index.index) == sorted(good)
+    (reason,) = found.errors["reason"]
+    assert list(found.errors["image_id"]) == ["ID_cut"] and "ID_cut.dcm" in reason

@@ -38,6 +38,8 @@ def test_exact_duplicates_are_dropped(tmp_path):
         (_rows("ID_a", [1, 0, 0, 0, 0, 1])[:5] + _rows("ID_b", [0] * 6), "ID_a lacks subtypes \\['any'\\]"),
         (_rows("ID_a", [2, 0, 0, 0, 0, 1]), "0 or 1"),
         (_rows("ID_a", [0] * 6) + [("ID_a_hematoma", 0)], "unknown subtypes"),
+        (_rows("ID_a", [0] * 6) + _rows("ID_b", [0, 0, 1, 0, 0, 0]), "ID_b has a subtype labelled 1 but any 0"),
+        (_rows("ID_a", [0] * 6) + [("nounderscore", 0)], "line 8: ID 'nounderscore' does not look like"),
     ],
 )
 def test_bad_label_files_raise(tmp_path, rows, message):
@@ -48,6 +50,7 @@ def test_bad_label_files_raise(tmp_path, rows, message):
 def test_write_labels_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     table = pd.DataFrame(rng.integers(0, 2, (5, 6)), index=[f"ID_{i:03x}" for i in range(5)], columns=list(LABELS))
+    table["any"] = table[list(LABELS[:-1])].max(axis=1)  # `any` is 1 whenever a subtype is
     write_labels(tmp_path / "l.csv", table)
     back = read_labels(tmp_path / "l.csv")
     assert (back.loc[table.index].to_numpy() == table.to_numpy()).all()

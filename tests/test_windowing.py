@@ -407,3 +407,18 @@ def test_window_pixels_default_windows():
     assert got.shape == (3, 256, 256) and got.dtype == np.uint8
     expected = reference_windows(reference_square(pixels.astype(np.float64) - 1024, 256, (0, 0, 256, 256)), DEFAULT_WINDOWS)
     assert_close_uint8(got, expected)
+
+
+def test_scratch_buffers_are_bounded_whatever_the_shapes():
+    from raysys import windowing
+
+    rng = np.random.default_rng(0)
+    for i in range(40):  # a client sending slices of 40 different shapes
+        pixels = rng.integers(0, 2000, (60 + i, 70 + 2 * i), dtype=np.int16)
+        got = window_pixels(pixels, 1.0, -1024.0, DEFAULT_WINDOWS, 32)
+        assert got.shape == (3, 32, 32)
+    assert len(windowing._buffers.cache) <= windowing.SCRATCH_SHAPES
+    # A shape seen again after others reuses a buffer and still gives the same pixels.
+    pixels = rng.integers(0, 2000, (60, 70), dtype=np.int16)
+    assert np.array_equal(window_pixels(pixels, 1.0, -1024.0, DEFAULT_WINDOWS, 32),
+                          window_pixels(pixels.copy(), 1.0, -1024.0, DEFAULT_WINDOWS, 32))
