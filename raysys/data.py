@@ -401,7 +401,8 @@ def prepare(cfg: DataConfig, out: str) -> dict:
     """
     windows = parse_windows(cfg.windows)
     out = storage.resolve(out)
-    labels = read_labels(cfg.labels) if cfg.labels else None  # fail early on a bad CSV, before hours of decoding
+    if cfg.labels:
+        read_labels(cfg.labels)  # fail early on a bad CSV, before hours of decoding
     sizes = storage.list_files(cfg.data, ".dcm")
     paths = list(sizes)
     if not paths:
@@ -417,7 +418,7 @@ def prepare(cfg: DataConfig, out: str) -> dict:
     index = written.loc[good, [*META_COLUMNS, "shard", "row"]].reset_index(drop=True)
     storage.write_bytes(storage.join(out, CACHE_INDEX), _parquet_bytes(pa.Table.from_pandas(index)))
     errors = written.loc[~good, ["image_id", "path", "error"]].rename(columns={"error": "reason"})
-    if labels is not None:
+    if cfg.labels:
         storage.write_bytes(storage.join(out, "labels.csv"), storage.read_bytes(cfg.labels))
     report_errors(Scan(index, errors.reset_index(drop=True), "cache", out), cfg.max_error_fraction, out)
     dicom_bytes, cache_bytes = sum(sizes.values()), storage.tree_size(out)

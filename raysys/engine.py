@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysys.labels import LABELS
+from raysys.labels import ANY, LABELS
 from raysys.metrics import LABEL_WEIGHTS, per_class_auc, per_class_log_loss, weighted_log_loss
 from raysys.model import unwrap
 from raysys.presets import to_model_input
@@ -145,7 +145,7 @@ def validate(model: nn.Module, batches: Iterable[dict], device: torch.device) ->
     start = time.perf_counter()
     out = score_batches(model, batches, device)
     y, p = out["labels"], out["probabilities"]
-    positives = int(y[:, LABELS.index("any")].sum())
+    positives = int(y[:, ANY].sum())
     counts = {"val_images": int(len(y)), "val_positives": positives, "val_degenerate": int(positives == 0)}
     if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
         return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": dict.fromkeys(LABELS, float("inf")),
