@@ -31,24 +31,29 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: expected columns ID,Label, got {list(df.columns)}")
     df = df[["ID", "Label"]]
     labels = pd.to_numeric(df["Label"], errors="coerce")
-    bad = df[~labels.isin([0, 1])]
-    if len(bad):
-        row = bad.iloc[0]
-        raise ValueError(f"{path}: label must be 0 or 1, got {row['Label']!r} for {row['ID']} ({len(bad)} bad rows)")
+    bad = ~labels.isin([0, 1])
+    if bad.any():
+        row = df[bad].iloc[0]
+        raise ValueError(f"{path}: line {_first_line(bad)}: label must be 0 or 1, got {row['Label']!r} for {row['ID']}"
+                         f" ({int(bad.sum())} bad rows)")
     parts = df["ID"].str.rsplit("_", n=1, expand=True)
-    if parts.shape[1] != 2 or parts[1].isna().any():
-        bad = df["ID"][parts[1].isna()].iloc[0] if parts.shape[1] == 2 else df["ID"].iloc[0]
-        line = int(df.index[df["ID"] == bad][0]) + 2  # the header is line 1
-        raise ValueError(f"{path}: line {line}: ID {bad!r} does not look like ID_<image>_<subtype>")
+    malformed = parts[1].isna() if parts.shape[1] == 2 else pd.Series(True, index=df.index)
+    if malformed.any():
+        raise ValueError(f"{path}: line {_first_line(malformed)}: ID {df['ID'][malformed].iloc[0]!r} does not look like"
+                         " ID_<image>_<subtype>")
     # Exact duplicates ("0" and "0.0" alike) are dropped after parsing; conflicting ones stay to be caught.
     frame = pd.DataFrame({"image_id": parts[0], "subtype": parts[1], "label": labels.astype(np.int8)}).drop_duplicates()
-    unknown = sorted(set(frame["subtype"]) - set(LABELS))
-    if unknown:
-        raise ValueError(f"{path}: unknown subtypes {unknown}; expected {list(LABELS)}")
-    conflicts = frame[frame.duplicated(["image_id", "subtype"], keep=False)]
-    if len(conflicts):
-        first = conflicts.iloc[0]
-        raise ValueError(f"{path}: conflicting labels for {first['image_id']}_{first['subtype']}")
+    unknown = ~frame["subtype"].isin(LABELS)
+    if unknown.any():
+        raise ValueError(f"{path}: line {_first_line(unknown)}: unknown subtype {frame['subtype'][unknown].iloc[0]!r}"
+                         f" (all unknown: {sorted(set(frame['subtype'][unknown]))}); expected {list(LABELS)}")
+    conflicts = frame.duplicated(["image_id", "subtype"], keep=False)
+    if conflicts.any():
+        first = frame[conflicts].iloc[0]
+        lines = [int(i) + 2 for i in frame.index[conflicts & (frame["image_id"] == first["image_id"])
+                                                 & (frame["subtype"] == first["subtype"])]]
+        raise ValueError(f"{path}: lines {', '.join(map(str, lines))}: conflicting labels for "
+                         f"{first['image_id']}_{first['subtype']}")
     table = frame.pivot(index="image_id", columns="subtype", values="label")
     missing = [name for name in LABELS if name not in table.columns]
     if missing:
@@ -68,6 +73,11 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     table.columns.name = None
     table.index.name = "image_id"
     return table
+
+
+def _first_line(mask: pd.Series) -> int:
+    """The CSV line of the first True row of a mask over the read frame (line 1 is the header)."""
+    return int(mask.index[mask.to_numpy()][0]) + 2
 
 
 def write_labels(path: str | Path, table: pd.DataFrame) -> None:

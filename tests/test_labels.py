@@ -34,10 +34,10 @@ def test_exact_duplicates_are_dropped(tmp_path):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        (_rows("ID_a", [1, 0, 0, 0, 0, 1]) + [("ID_a_epidural", 0)], "conflicting"),
+        (_rows("ID_a", [1, 0, 0, 0, 0, 1]) + [("ID_a_epidural", 0)], "lines 2, 8: conflicting labels for ID_a_epidural"),
         (_rows("ID_a", [1, 0, 0, 0, 0, 1])[:5] + _rows("ID_b", [0] * 6), "ID_a lacks subtypes \\['any'\\]"),
-        (_rows("ID_a", [2, 0, 0, 0, 0, 1]), "0 or 1"),
-        (_rows("ID_a", [0] * 6) + [("ID_a_hematoma", 0)], "unknown subtypes"),
+        (_rows("ID_a", [0] * 6) + _rows("ID_b", [2, 0, 0, 0, 0, 1]), "line 8: label must be 0 or 1, got '2' for ID_b_epidural"),
+        (_rows("ID_a", [0] * 6) + [("ID_a_hematoma", 0)], "line 8: unknown subtype 'hematoma'"),
         (_rows("ID_a", [0] * 6) + _rows("ID_b", [0, 0, 1, 0, 0, 0]), "ID_b has a subtype labelled 1 but any 0"),
         (_rows("ID_a", [0] * 6) + [("nounderscore", 0)], "line 8: ID 'nounderscore' does not look like"),
     ],
@@ -45,6 +45,17 @@ def test_exact_duplicates_are_dropped(tmp_path):
 def test_bad_label_files_raise(tmp_path, rows, message):
     with pytest.raises(ValueError, match=message):
         read_labels(_csv(tmp_path, rows))
+
+
+def test_empty_and_garbled_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"{empty}: empty file"):
+        read_labels(empty)
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_text('ID,Label\nID_a_any,0\n"ID_b_any,1\n')  # an unclosed quote
+    with pytest.raises(ValueError, match=f"{garbled}: not a CSV file"):
+        read_labels(garbled)
 
 
 def test_write_labels_round_trip(tmp_path):
