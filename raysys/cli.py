@@ -71,6 +71,8 @@ SERVE_FLAGS = {
     "--max-batch-size": ("max_batch_size", int, "images per micro-batch"),
     "--batch-wait-ms": ("batch_wait_ms", float, "how long a micro-batch waits to fill"),
     "--max-body-bytes": ("max_body_bytes", int, "largest request body"),
+    "--max-files": ("max_files", int, "most files in one multipart request"),
+    "--token-file": ("token_file", str, "file on every node holding the bearer token (else the node's RAYSYS_API_TOKEN)"),
 }
 
 

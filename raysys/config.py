@@ -206,12 +206,16 @@ class ServeConfig:
     max_batch_size: int = 16  # images per micro-batch
     batch_wait_ms: float = 10.0  # how long a batch waits to fill
     max_body_bytes: int = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
+    max_files: int = 64  # files per multipart request: one request must not hold a replica for minutes
+    token_file: str | None = None  # a file on every node holding the bearer token; unset: the node's RAYSYS_API_TOKEN
 
     def __post_init__(self) -> None:
-        if self.replicas < 1 or self.max_batch_size < 1 or self.max_body_bytes < 1:
-            raise ValueError("serve: replicas, max_batch_size and max_body_bytes must be >= 1")
+        if min(self.replicas, self.max_batch_size, self.max_body_bytes, self.max_files) < 1:
+            raise ValueError("serve: replicas, max_batch_size, max_body_bytes and max_files must be >= 1")
         if self.batch_wait_ms < 0:
             raise ValueError(f"serve.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.token_file:
+            object.__setattr__(self, "token_file", str(Path(self.token_file).expanduser().resolve()))
 
 
 def _coerce(value, annotation, where: str):

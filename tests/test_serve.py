@@ -1,6 +1,7 @@
 """Ray Serve on a real local Ray: real HTTP requests to 127.0.0.1, good and bad input, the token check."""
 
 import io
+import struct
 import time
 from pathlib import Path
 
@@ -41,16 +42,19 @@ def phantom(tmp_path_factory):
     return sorted(Path(p) for p in frame["path"])
 
 
+LIMIT = 21 * 1024 * 1024  # max_body_bytes of the test server: room for the 20 MiB hostile body below
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, checkpoint, request):
+def server(ray_session, checkpoint, tmp_path_factory):
     from ray import serve
 
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text("s3cret\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    mp = pytest.MonkeyPatch()
-    mp.setenv(TOKEN_ENV, "s3cret")  # read by build_app and handed to the replicas
-    serve.run(build_app(str(checkpoint), ServeConfig(max_batch_size=4, max_body_bytes=1_000_000)), name="raysys",
-              route_prefix="/", blocking=False)
+    cfg = ServeConfig(max_batch_size=4, max_body_bytes=LIMIT, max_files=8, token_file=str(token_file))
+    serve.run(build_app(str(checkpoint), cfg), name="raysys", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -61,7 +65,6 @@ def server(ray_session, checkpoint, request):
             pass
         time.sleep(0.5)
     yield url
-    mp.undo()
     serve.shutdown()
 
 
@@ -173,7 +176,7 @@ def _multiframe_bytes(phantom) -> bytes:
         (lambda ph: ph[1].read_bytes()[:-5000], 400),  # truncated pixel data
         (lambda ph: _mr_bytes(), 422),  # a valid DICOM, but MR
         (lambda ph: _multiframe_bytes(ph), 422),
-        (lambda ph: b"\0" * 1_100_000, 413),  # over the 1,000,000-byte limit set above
+        (lambda ph: b"\0" * (LIMIT + 1), 413),
     ],
     ids=["garbage", "truncated", "mr", "multiframe", "oversized"],
 )
@@ -198,3 +201,99 @@ def test_model_info_and_health(server):
     assert info["labels"] == list(LABELS) and info["image_size"] == SIZE
     assert info["windows"] == "brain,subdural,soft_tissue"
     assert requests.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def _hostile_body(phantom, size: int) -> bytes:
+    """A phantom's header, then `size` bytes of 10-byte private elements and no PixelData: costly to reject."""
+    ds = pydicom.dcmread(phantom[0])
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf)  # the phantom's explicit VR little endian
+    element = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 2) + b"ab"
+    return buf.getvalue() + element * (size // len(element))
+
+
+def test_health_and_small_requests_answer_while_hostile_bodies_decode(server, phantom):
+    """Decoding runs off the event loop, and real-sized slices do not queue behind a 20 MiB body."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hostile = _hostile_body(phantom, 20 * 1024 * 1024)
+    good = phantom[0].read_bytes()
+
+    def timed(call):
+        start = time.perf_counter()
+        r = call()
+        return r.status_code, time.perf_counter() - start
+
+    with ThreadPoolExecutor(4) as pool:
+        attacks = [pool.submit(timed, lambda: _post(server, hostile)) for _ in range(2)]
+        time.sleep(1.0)  # the bodies are uploaded and being decoded
+        probes = []
+        while not all(a.done() for a in attacks) and len(probes) < 40:
+            probes.append(timed(lambda: requests.get(f"{server}/healthz", timeout=10)))
+            probes.append(timed(lambda: _post(server, good)))
+        attack_results = [a.result() for a in attacks]
+    assert [code for code, _ in attack_results] == [400, 400]  # no PixelData: named and refused
+    assert len(probes) >= 4, f"the hostile requests ended before any probe ran ({attack_results}): test too weak"
+    assert all(code == 200 for code, _ in probes), probes
+    assert max(seconds for _, seconds in probes) < 1.0, probes
+
+
+def _urllib_post(url: str, body: bytes) -> tuple[int, dict]:
+    """POST with Python's urllib, which writes the whole body before it reads any answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/v1/predict", data=body, method="POST", headers=AUTH)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_oversized_body_gets_a_readable_413_with_requests_and_urllib(server, phantom):
+    body = b"\0" * (LIMIT + 1024 * 1024)
+    for _ in range(4):  # a reset connection showed up about half the time before the body was drained
+        r = _post(server, body)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        status, answer = _urllib_post(server, body)
+        assert status == 413 and "limit" in answer["error"]
+    assert _post(server, phantom[0].read_bytes()).status_code == 200
+
+
+def test_multipart_file_count_is_limited_and_file_names_never_come_back(server, phantom):
+    import ray
+
+    auth = {"Authorization": "Bearer s3cret"}
+    body = phantom[0].read_bytes()
+    nine = [("files", (f"scan{i}.dcm", body, "application/dicom")) for i in range(9)]  # max_files is 8
+    r = requests.post(f"{server}/v1/predict", files=nine, headers=auth, timeout=60)
+    assert r.status_code == 413 and "more than 8 parts" in r.json()["error"]
+    eight = requests.post(f"{server}/v1/predict", files=nine[:8], headers=auth, timeout=60)
+    assert eight.status_code == 200 and len(eight.json()["results"]) == 8
+
+    secret_name = "DOE^JANE_MRN4711.dcm"  # file names often carry a patient's name or record number
+    files = [("files", ("ok.dcm", body, "application/dicom")),
+             ("files", (secret_name, b"not a dicom file" * 20, "application/dicom"))]
+    r = requests.post(f"{server}/v1/predict", files=files, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"].startswith("part 2: ")
+    assert "DOE" not in r.text and "4711" not in r.text
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    leaked = [p for p in logs.rglob("*") if p.is_file() and b"MRN4711" in p.read_bytes()]
+    assert leaked == []
+
+
+def test_replica_refuses_to_start_without_the_token_the_driver_asked_for(server, checkpoint, monkeypatch):
+    """The driver has RAYSYS_API_TOKEN, the replicas' node does not: no replica may serve openly."""
+    from ray import serve
+
+    monkeypatch.setenv(TOKEN_ENV, "only-on-the-driver")  # the session's Ray started without it
+    with pytest.raises(RuntimeError, match="Deploying application open failed"):
+        serve.run(build_app(str(checkpoint), ServeConfig()), name="open", route_prefix="/open")
+    reason = serve.status().applications["open"].deployments["HemorrhageService"].message
+    assert f"a bearer token is required but {TOKEN_ENV} is not set on this node" in reason
+    # The route exists but no replica serves it.
+    assert requests.post(f"{server}/open/v1/predict", data=b"x", headers=AUTH, timeout=10).status_code == 503
+    serve.delete("open")
