@@ -2,9 +2,9 @@
 temp dir), started once for this module and always stopped."""
 
 import os
-import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +15,7 @@ import pytest
 import requests
 import torch
 import yaml
+from test_cluster_config import load_cluster, make_cluster_tokens, ray_start
 
 from raysys.config import Config
 from raysys.engine import infer
@@ -33,14 +34,22 @@ def head(tmp_path_factory):
     """A Ray head started by the CLI; `--block` ties its processes to this Popen, so stopping it
     stops exactly this cluster (never `ray stop`, which would take the test session's Ray too)."""
     tmp_path = tmp_path_factory.mktemp("head")
-    # Token auth as Ray's CLI expects it, with a token of this head's own: nothing read from or written
-    # to ~/.ray, and the head, its jobs and every CLI call below share it through the environment.
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # cluster.yaml's own auth: its head_setup_commands make the token (in a $HOME of this head's own, so nothing
+    # is read from or written to ~/.ray), and RAY_AUTH_* and --dashboard-host come from its `ray start --head`
+    # line; the head, its jobs and every CLI call below share them through the environment. Ports are free
+    # ones instead of the shipped 6379/8265, which may belong to another local Ray.
+    config, home = load_cluster(), tmp_path / "home"
+    for run in make_cluster_tokens(config, home):
+        assert run.returncode == 0, run.stderr
+    shipped_env, shipped_args = ray_start(config["head_start_ray_commands"])
+    auth = {k: v.replace("$HOME", str(home)) for k, v in shipped_env.items() if k.startswith("RAY_AUTH_")}
+    [dashboard_host] = [a.split("=", 1)[1] for a in shipped_args if a.startswith("--dashboard-host=")]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **auth}
+    env.pop("RAY_AUTH_TOKEN", None)  # it would outrank the token file
     dashboard = free_port()
     temp_dir = Path("/tmp") / f"raysys-head-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-           "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
+           f"--dashboard-host={dashboard_host}", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
            "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
            # Own ports for the agents too: the defaults (52365, ...) may belong to another local Ray.
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
@@ -94,6 +103,36 @@ def _descendants(root: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def _own_address() -> str | None:
+    """This machine's non-loopback IPv4 address (the one its default route leaves from), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP: picks the interface, sends nothing
+        except OSError:
+            return None
+        ip = s.getsockname()[0]
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.cluster
+def test_job_api_is_closed_without_the_token(head):
+    """A head started the way cluster.yaml starts one: the job API (which runs code) answers only requests that
+    carry the cluster token, and only on loopback."""
+    address, env = head
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    jobs, sneaky = f"{address}/api/jobs/", f"echo not-authorized-{os.getpid()}"
+    assert requests.get(jobs, timeout=10).status_code == 401  # no token
+    assert requests.post(jobs, json={"entrypoint": sneaky}, timeout=10).status_code == 401
+    assert requests.get(jobs, headers={"Authorization": f"Bearer {'0' * 64}"}, timeout=10).status_code == 403
+    listed = requests.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert listed.status_code == 200, listed.text
+    assert all(job["entrypoint"] != sneaky for job in listed.json())  # the refused submission never ran
+    ip = _own_address()
+    if ip is not None:  # the dashboard listens on 127.0.0.1 only: the machine's own address refuses
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((ip, int(address.rsplit(":", 1)[1])), timeout=5).close()
 
 
 @pytest.mark.cluster
