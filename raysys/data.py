@@ -29,6 +29,7 @@ CPUs per worker, Ray Data could never schedule a task and the run would hang.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -42,6 +43,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from raysys import storage
 from raysys.augment import augment_images, image_seed
@@ -493,13 +496,29 @@ def _cached_images(index: pd.DataFrame, data: str, shape: tuple[int, int, int], 
         if with_labels:
             item["labels"] = rows[list(LABELS)].to_numpy(np.float32)
         items.append(item)
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        _read_shard_rows, fn_kwargs={"shape": shape}, batch_size=1, batch_format="pandas", num_cpus=read_cpus)
+    return ray.data.read_datasource(_CacheShards(items, shape), num_cpus=read_cpus, override_num_blocks=max(1, len(items)))
 
 
-def _read_shard_rows(item: pd.DataFrame, shape: tuple[int, int, int]) -> pa.Table:
+class _CacheShards(Datasource):
+    """The read tasks of a cache epoch, one per shard, with no operator in between (a from_items stage
+    and a pandas batch per shard cost ~15% of a cache epoch on 2 cores)."""
+
+    def __init__(self, items: list[dict], shape: tuple[int, int, int]):
+        self.items, self.shape = items, shape
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(len(item["rows"]) for item in self.items) * int(np.prod(self.shape))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(_read_shard_rows, item, self.shape),
+                         BlockMetadata(num_rows=len(item["rows"]), size_bytes=len(item["rows"]) * int(np.prod(self.shape)),
+                                       exec_stats=None, input_files=[item["shard"]]),
+                         per_task_row_limit=per_task_row_limit)
+                for item in self.items]
+
+
+def _read_shard_rows(entry: dict, shape: tuple[int, int, int]) -> list[pa.Table]:
     """The chosen rows of one shard as (n, C, S, S) uint8, taken from the image column's one buffer."""
-    (entry,) = item.to_dict("records")
     table = pq.read_table(storage.open_bytes(entry["shard"]), columns=["image_id", "image"])
     column = table.column("image").combine_chunks()
     raw = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * column.type.byte_width,
@@ -514,7 +533,7 @@ def _read_shard_rows(item: pd.DataFrame, shape: tuple[int, int, int]) -> pa.Tabl
     if "labels" in entry:
         labels = np.ascontiguousarray(np.asarray(entry["labels"], np.float32).reshape(len(rows), len(LABELS)))
         out["label"] = pa.FixedShapeTensorArray.from_numpy_ndarray(labels)
-    return pa.table(out)
+    return [pa.table(out)]
 
 
 def _check_cache(data: str, windows: tuple[Window, ...], size: int) -> None:
