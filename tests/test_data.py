@@ -39,7 +39,7 @@ def test_scan_counts_good_images_and_records_the_truncated_file(phantom, scanned
     assert len(truncated) == 1
     assert found.total == len(frame)
     assert list(found.errors["image_id"]) == list(truncated)
-    assert "expected" in found.errors["reason"].iloc[0]  # "pixel data is N bytes, expected M"
+    assert "the file is cut short" in found.errors["reason"].iloc[0]  # "pixel data is N bytes, its element declares M"
     written = pd.read_csv(run_dir / "errors.csv")
     assert list(written["image_id"]) == list(truncated) and list(written.columns) == rdata.ERROR_COLUMNS
     # Every good image is indexed with its labels and header fields; the bad one is not.

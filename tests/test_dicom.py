@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, get_decoder
 
-from raysys.dicom import DicomDecodeError, _scan_native, decode, read_dicom
+from raysys.dicom import DicomDecodeError, _scan_dataset, _scan_meta, decode, read_dicom
 
 RSNA_DIR = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
 RSNA_COUNT = 32  # one study of 32 slices, see its README.md
@@ -427,7 +427,10 @@ def test_direct_scan_reads_both_vr_encodings_and_defers_undefined_lengths(syntax
     ds = make_ct(stored, syntax=syntax)
     ds.IconImageSequence = [decoy_item()]
     ds["IconImageSequence"].is_undefined_length = undefined_length
-    header = _scan_native(dicom_bytes(ds))
+    data = dicom_bytes(ds)
+    file_syntax, start = _scan_meta(data, "a.dcm")
+    assert file_syntax == syntax
+    header = _scan_dataset(data, start, syntax, "a.dcm")
     if undefined_length:
         assert header is None
         return
