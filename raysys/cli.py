@@ -72,6 +72,8 @@ SERVE_FLAGS = {
     "--batch-wait-ms": ("batch_wait_ms", float, "how long a micro-batch waits to fill"),
     "--max-body-bytes": ("max_body_bytes", int, "largest request body"),
     "--max-files": ("max_files", int, "most files in one multipart request"),
+    "--max-image-side": ("max_image_side", int, "most rows/columns a DICOM header may claim"),
+    "--max-image-bytes": ("max_image_bytes", int, "most decoded pixel bytes a DICOM header may claim"),
     "--token-file": ("token_file", str, "file on every node holding the bearer token (else the node's RAYSYS_API_TOKEN)"),
 }
 

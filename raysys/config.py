@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from raysys import storage
+from raysys.dicom import DEFAULT_LIMITS
 from raysys.windowing import DEFAULT_WINDOWS, format_windows
 
 CONFIG_FILE = "config.yaml"  # the resolved config, beside every run, sweep and checkpoint
@@ -207,11 +208,15 @@ class ServeConfig:
     batch_wait_ms: float = 10.0  # how long a batch waits to fill
     max_body_bytes: int = 20 * 1024 * 1024  # 20 MiB: an uncompressed 1024 x 1024 slice is 2 MiB
     max_files: int = 64  # files per multipart request: one request must not hold a replica for minutes
+    max_image_side: int = DEFAULT_LIMITS.max_side  # rows/columns a DICOM header may claim (checked before decoding)
+    max_image_bytes: int = DEFAULT_LIMITS.max_bytes  # decoded pixel bytes a header may claim
     token_file: str | None = None  # a file on every node holding the bearer token; unset: the node's RAYSYS_API_TOKEN
 
     def __post_init__(self) -> None:
-        if min(self.replicas, self.max_batch_size, self.max_body_bytes, self.max_files) < 1:
-            raise ValueError("serve: replicas, max_batch_size, max_body_bytes and max_files must be >= 1")
+        if min(self.replicas, self.max_batch_size, self.max_body_bytes, self.max_files, self.max_image_side,
+               self.max_image_bytes) < 1:
+            raise ValueError("serve: replicas, max_batch_size, max_body_bytes, max_files, max_image_side and "
+                             "max_image_bytes must be >= 1")
         if self.batch_wait_ms < 0:
             raise ValueError(f"serve.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.token_file:

@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysys.dicom import DicomMeta, decode
+from raysys.dicom import DEFAULT_LIMITS, DecodeLimits, DicomMeta, decode
 from raysys.windowing import Window, parse_windows, window_pixels
 
 
 def dicom_to_image(
-    source: bytes | str | Path, windows: str | tuple[Window, ...], size: int, name: str | None = None
+    source: bytes | str | Path, windows: str | tuple[Window, ...], size: int, name: str | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, DicomMeta]:
     """One DICOM -> ((C, size, size) uint8 windows, meta): the exact preprocessing of training and serving."""
-    dslice = decode(source, name)
+    dslice = decode(source, name, limits=limits)
     return window_pixels(dslice.pixels, dslice.slope, dslice.intercept, parse_windows(windows), size), dslice.meta
 
 

@@ -106,8 +106,8 @@ def _read_token(token_file: str | None) -> str | None:
 @serve.ingress(api)
 class HemorrhageService:
     def __init__(self, checkpoint: str, max_batch_size: int, batch_wait_ms: float, max_body_bytes: int,
-                 max_files: int = 64, decode_threads: int = 1, token_file: str | None = None,
-                 require_token: bool = False):
+                 max_files: int = 64, decode_limits: tuple[int, int] | None = None, decode_threads: int = 1,
+                 token_file: str | None = None, require_token: bool = False):
         import torch
 
         from raysys.model import load_checkpoint
@@ -123,7 +123,10 @@ class HemorrhageService:
         self.windows, self.size = self.meta["windows"], self.meta["image_size"]
         self.checkpoint_info = {"checkpoint": checkpoint.rstrip("/").rsplit("/", 1)[-1], "epoch": self.meta["epoch"],
                                 "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
+        from raysys.dicom import DEFAULT_LIMITS, DecodeLimits
+
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
+        self.limits = DecodeLimits(*decode_limits) if decode_limits else DEFAULT_LIMITS
         # Two decode lanes: bodies up to SMALL_BODY never wait behind a large (possibly hostile) one.
         # A decode thread holds the GIL for long stretches of pure Python (pydicom), and at Python's default
         # 5 ms switch interval each of a forward pass's ~300 GIL hand-offs waits that long: measured on
@@ -262,7 +265,7 @@ class HemorrhageService:
         from raysys.presets import dicom_to_image
 
         try:
-            image, meta = dicom_to_image(body, self.windows, self.size, name=label)
+            image, meta = dicom_to_image(body, self.windows, self.size, name=label, limits=self.limits)
         except UnsupportedImageError as e:
             raise RequestError(422, str(e)) from None
         except DicomDecodeError as e:
@@ -287,7 +290,7 @@ def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
     options = {"num_replicas": cfg.replicas, "ray_actor_options": actor}
     return HemorrhageService.options(**options).bind(
         checkpoint, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
-        max_body_bytes=cfg.max_body_bytes, max_files=cfg.max_files,
+        max_body_bytes=cfg.max_body_bytes, max_files=cfg.max_files, decode_limits=(cfg.max_image_side, cfg.max_image_bytes),
         decode_threads=max(1, round(cfg.cpus_per_replica)), token_file=cfg.token_file, require_token=require_token)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import socket
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
@@ -24,3 +28,49 @@ def small_phantom(out: str | Path, *, studies: int = 10, size: int = 96, seed: i
     """
     return write_dataset(out, PhantomConfig(studies=studies, slices_per_study=(4, 5), size=size, seed=seed,
                                             prevalence=DENSE_PREVALENCE))
+
+
+def hostile_bodies(good: bytes, *, seed: int = 0) -> dict[str, bytes]:
+    """Bodies a public endpoint must refuse with a 4xx and no harm, made from one good explicit-VR CT slice.
+
+    truncated      the file cut inside its header (a partly copied file)
+    garbage        random bytes
+    rle_bomb       RLE Lossless pixels of 8 x 8 under a header claiming 16384 x 16384 (512 MiB decoded)
+    deflate_bomb   a deflated file under 1 MB holding 600 MiB of zeros before its pixels
+    no_pixels      2 MiB of 10-byte private elements and no pixel data: costly to parse, then refused
+    """
+    import pydicom
+    from pydicom.filewriter import write_file_meta_info
+
+    def file_bytes(ds: pydicom.Dataset) -> bytes:
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    ds = pydicom.dcmread(io.BytesIO(good))
+    corner = np.ascontiguousarray(ds.pixel_array[:8, :8])
+    ds.Rows, ds.Columns, ds.PixelData = 8, 8, corner.tobytes()
+    ds.compress(pydicom.uid.RLELossless, corner, generate_instance_uid=False)
+    ds.Rows = ds.Columns = 16384
+    rle_bomb = file_bytes(ds)
+
+    ds = pydicom.dcmread(io.BytesIO(good))
+    meta_end = 144 + struct.unpack_from("<I", good, 140)[0]  # (0002,0000) holds the meta group's length
+    dataset, pixels = good[meta_end:], good[meta_end:].rfind(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) PixelData
+    padding = 600 * 2**20
+    creator = struct.pack("<HH2sH", 0x0029, 0x0010, b"LO", 6) + b"RAYSYS"
+    blob = struct.pack("<HH2sxxI", 0x0029, 0x1010, b"OB", padding)
+    # One 1 MiB block of zeros ended by a full flush refers to nothing before it: its output repeats as is.
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflate.compress(dataset[:pixels] + creator + blob) + deflate.flush(zlib.Z_FULL_FLUSH)
+    mib = deflate.compress(bytes(2**20)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.compress(dataset[pixels:]) + deflate.flush()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    meta = io.BytesIO()
+    write_file_meta_info(pydicom.filebase.DicomFileLike(meta), ds.file_meta)
+    deflate_bomb = good[:132] + meta.getvalue() + head + mib * (padding // 2**20) + tail
+
+    element = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 2) + b"ab"
+    return {"truncated": good[:300], "garbage": np.random.default_rng(seed).bytes(64 * 1024),
+            "rle_bomb": rle_bomb, "deflate_bomb": deflate_bomb,
+            "no_pixels": good[:pixels + meta_end] + element * (2 * 2**20 // len(element))}

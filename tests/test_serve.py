@@ -19,7 +19,7 @@ from raysys.model import build_model, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.serve import TOKEN_ENV, build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port
+from raysys.testing import free_port, hostile_bodies
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
@@ -177,8 +177,11 @@ def _multiframe_bytes(phantom) -> bytes:
         (lambda ph: _mr_bytes(), 422),  # a valid DICOM, but MR
         (lambda ph: _multiframe_bytes(ph), 422),
         (lambda ph: b"\0" * (LIMIT + 1), 413),
+        (lambda ph: hostile_bodies(ph[0].read_bytes())["truncated"], 400),  # cut inside the header
+        (lambda ph: hostile_bodies(ph[0].read_bytes())["rle_bomb"], 400),  # claims 16384 x 16384
+        (lambda ph: hostile_bodies(ph[0].read_bytes())["deflate_bomb"], 400),  # inflates to 600 MiB
     ],
-    ids=["garbage", "truncated", "mr", "multiframe", "oversized"],
+    ids=["garbage", "truncated", "mr", "multiframe", "oversized", "header-cut", "rle-bomb", "deflate-bomb"],
 )
 def test_bad_input_gets_a_json_error_and_the_replica_keeps_serving(server, phantom, make, status):
     r = _post(server, make(phantom))
@@ -204,13 +207,17 @@ def test_model_info_and_health(server):
 
 
 def _hostile_body(phantom, size: int) -> bytes:
-    """A phantom's header, then `size` bytes of 10-byte private elements and no PixelData: costly to reject."""
+    """A phantom's header, then `size` bytes of 10-byte private elements and no PixelData: costly to reject.
+
+    An empty sequence of undefined length comes first, so that the whole body goes through pydicom's parser
+    (raysys' own header scan hands such files over), the slowest path there is: seconds for 20 MiB."""
     ds = pydicom.dcmread(phantom[0])
     del ds.PixelData
     buf = io.BytesIO()
     ds.save_as(buf)  # the phantom's explicit VR little endian
+    sequence = struct.pack("<HH2sxxI", 0x0009, 0x1001, b"SQ", 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     element = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 2) + b"ab"
-    return buf.getvalue() + element * (size // len(element))
+    return buf.getvalue() + sequence + element * (size // len(element))
 
 
 def test_health_and_small_requests_answer_while_hostile_bodies_decode(server, phantom):
