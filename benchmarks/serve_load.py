@@ -7,6 +7,11 @@ client threads (one requests.Session each), in two phases on the same bodies in 
   batched    build_app(checkpoint, ServeConfig(max_batch_size=--max-batch-size, batch_wait_ms=--batch-wait-ms))
   unbatched  build_app(checkpoint, ServeConfig(max_batch_size=1)): every request is its own forward pass
 
+  hostile    the batched application again, with --hostile-fraction of the requests (every 10th at 0.1)
+             replaced by bodies it must refuse (raysys.testing.hostile_bodies: a header cut short, garbage,
+             an RLE bomb, a deflate bomb, 2 MiB without pixels): the good requests must see 0 errors, and
+             their p99 stands beside the clean batched phase's; every hostile one must get a 4xx
+
 The application is deleted and deployed again between phases. Each phase first sends --warmup
 requests (not counted), then stops at --requests or after --max-seconds, whichever comes first.
 Reported per phase: requests/s (successful answers / seconds until the last answer), p50/p95/p99
@@ -31,6 +36,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +50,7 @@ from ray import serve
 from raysys.config import ServeConfig
 from raysys.model import read_meta
 from raysys.serve import TOKEN_ENV, build_app
-from raysys.testing import free_port
+from raysys.testing import free_port, hostile_bodies, small_phantom
 
 APP = "raysys-bench"
 HEADERS = {"Content-Type": "application/dicom"}
@@ -64,10 +70,14 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
 
 
-def load(url: str, bodies: list[bytes], n: int, concurrency: int, max_seconds: float) -> dict:
-    """Send n requests (body i % len(bodies)) from `concurrency` threads; stop early at max_seconds."""
+def load(url: str, bodies: list[bytes], n: int, concurrency: int, max_seconds: float,
+         hostile: list[bytes] = (), hostile_fraction: float = 0.0) -> dict:
+    """Send n requests (body i % len(bodies)) from `concurrency` threads; stop early at max_seconds.
+
+    With hostile bodies, request i is hostile when floor((i + 1) f) > floor(i f), f = hostile_fraction;
+    stats cover the good requests, and `hostile` counts the hostile ones' answers by status."""
     counter, lock = itertools.count(), threading.Lock()
-    latencies, errors, answered = [], [], []
+    latencies, errors, answered, refused = [], [], [], Counter()
     start = time.perf_counter()
     deadline = start + max_seconds
 
@@ -78,17 +88,21 @@ def load(url: str, bodies: list[bytes], n: int, concurrency: int, max_seconds: f
                     i = next(counter)
                 if i >= n or time.perf_counter() > deadline:
                     return
+                bad = bool(hostile) and int((i + 1) * hostile_fraction) > int(i * hostile_fraction)
+                body = hostile[i % len(hostile)] if bad else bodies[i % len(bodies)]
                 sent = time.perf_counter()
                 try:
-                    body = bodies[i % len(bodies)]
                     reply = session.post(f"{url}/v1/predict", data=body, headers=HEADERS, timeout=60)
-                    error = None if reply.status_code == 200 else f"HTTP {reply.status_code}: {reply.text[:200]}"
+                    status, error = reply.status_code, None if reply.status_code == 200 else \
+                        f"HTTP {reply.status_code}: {reply.text[:200]}"
                 except requests.RequestException as e:
-                    error = f"{type(e).__name__}: {e}"
+                    status, error = type(e).__name__, f"{type(e).__name__}: {e}"
                 done = time.perf_counter()
                 with lock:
                     answered.append(done)
-                    if error is None:
+                    if bad:
+                        refused[str(status)] += 1
+                    elif error is None:
                         latencies.append(done - sent)
                     else:
                         errors.append(error)
@@ -101,8 +115,12 @@ def load(url: str, bodies: list[bytes], n: int, concurrency: int, max_seconds: f
     pct = {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) if len(ms) else None for q in (50, 95, 99)}
     if errors:
         log(f"  {len(errors)} errors, first: {errors[0][:200]}")
-    return {"rps": round(len(latencies) / seconds, 2), **pct, "errors": len(errors), "requests": len(answered),
-            "seconds": round(seconds, 2)}
+    stats = {"rps": round(len(latencies) / seconds, 2), **pct, "errors": len(errors), "requests": len(answered),
+             "seconds": round(seconds, 2)}
+    if hostile:
+        stats["hostile"] = dict(sorted(refused.items()))
+        stats["hostile_not_4xx"] = sum(k for status, k in refused.items() if not status.startswith("4"))
+    return stats
 
 
 def warm_up(url: str, bodies: list[bytes], n: int) -> dict[str, np.ndarray]:
@@ -118,13 +136,13 @@ def warm_up(url: str, bodies: list[bytes], n: int) -> dict[str, np.ndarray]:
     return seen
 
 
-def phase(name: str, app, url: str, bodies: list[bytes], args) -> tuple[dict, dict]:
+def phase(name: str, app, url: str, bodies: list[bytes], args, hostile: list[bytes] = ()) -> tuple[dict, dict]:
     """Deploy `app`, wait until healthy, warm up, run the load, delete the app."""
     serve.run(app, name=APP, route_prefix="/")
     try:
         wait_healthy(url)
         seen = warm_up(url, bodies, args.warmup)
-        stats = load(url, bodies, args.requests, args.concurrency, args.max_seconds)
+        stats = load(url, bodies, args.requests, args.concurrency, args.max_seconds, hostile, args.hostile_fraction)
         counts = requests.get(f"{url}/v1/model", headers=HEADERS, timeout=30).json()["batching"]
         stats["mean_batch_size"] = round(counts["images"] / max(counts["batches"], 1), 2)  # warm-up included
     finally:
@@ -147,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) of the one replica")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted requests before each phase")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long per phase")
+    parser.add_argument("--hostile-fraction", type=float, default=0.1,
+                        help="share of hostile bodies in the hostile phase (0: no such phase)")
     add_ray_flags(parser, "join this Ray cluster (its head must be this machine: HTTP is local)")
     args = parser.parse_args(argv)
 
@@ -169,6 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
             batched, seen_b = phase("batched", build_app(str(checkpoint), batched_cfg), url, bodies, args)
             unbatched, seen_u = phase("unbatched", build_app(str(checkpoint), replace(batched_cfg, max_batch_size=1)),
                                       url, bodies, args)
+            small_phantom(tmp / "hostile", studies=1, size=512)  # hostile_bodies starts from an explicit-VR slice
+            kinds = hostile_bodies(next((tmp / "hostile" / "dicoms").glob("*.dcm")).read_bytes())
+            hostile = phase("hostile", build_app(str(checkpoint), batched_cfg), url, bodies, args,
+                            list(kinds.values()))[0] if args.hostile_fraction > 0 else None
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -178,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
         "batched": batched,
         "unbatched": unbatched,
         "batching_speedup": round(batched["rps"] / unbatched["rps"], 2),
+        "hostile": hostile,
+        "hostile_fraction": args.hostile_fraction,
+        "hostile_kinds": list(kinds),
+        "p99_ms_clean_vs_hostile": [batched["p99_ms"], hostile["p99_ms"] if hostile else None],
         "concurrency": args.concurrency,
         "image_size": image_size,
         "max_batch_size": args.max_batch_size,

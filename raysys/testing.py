@@ -57,6 +57,8 @@ def hostile_bodies(good: bytes, *, seed: int = 0) -> dict[str, bytes]:
     ds = pydicom.dcmread(io.BytesIO(good))
     meta_end = 144 + struct.unpack_from("<I", good, 140)[0]  # (0002,0000) holds the meta group's length
     dataset, pixels = good[meta_end:], good[meta_end:].rfind(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) PixelData
+    if pixels < 0:
+        raise ValueError("hostile_bodies needs an explicit VR little endian slice with OW pixel data (a phantom's)")
     padding = 600 * 2**20
     creator = struct.pack("<HH2sH", 0x0029, 0x0010, b"LO", 6) + b"RAYSYS"
     blob = struct.pack("<HH2sxxI", 0x0029, 0x1010, b"OB", padding)
