@@ -573,6 +573,8 @@ def _decode_compressed(header: dict, label: str, syntax: str, limits: DecodeLimi
         raise DicomDecodeError(f"{label}: no decoder for transfer syntax {name} ({syntax}); {CODECS_HINT}")
     if syntax in _JPEG_FAMILY or syntax in _JPEG2000_FAMILY:
         _check_codestream(header, label, syntax, limits)
+    elif syntax == pydicom.uid.RLELossless:
+        _check_rle(header, label)
     try:
         arr = header["_dataset"].pixel_array
     except (RuntimeError, NotImplementedError) as e:
@@ -604,6 +606,49 @@ def _check_codestream(header: dict, label: str, syntax: str, limits: DecodeLimit
         )
     if components != 1:
         raise UnsupportedImageError(f"{label}: {name} codestream has {components} components, expected 1 (monochrome)")
+
+
+def _check_rle(header: dict, label: str) -> None:
+    """pydicom's RLE decoder expands a whole segment (up to 64x its size) before it checks the length: count
+    each segment's decoded bytes from its run headers first (PS3.5 annex G), allocating nothing."""
+    rle = f"RLE Lossless ({pydicom.uid.RLELossless})"
+    try:
+        frame = get_frame(header["PixelData"], 0, number_of_frames=1)
+    except Exception as e:  # pydicom's fragment parser on damaged items
+        raise DicomDecodeError(f"{label}: cannot read the {rle} fragments ({type(e).__name__}: {e})") from None
+    if len(frame) < 64:
+        raise DicomDecodeError(f"{label}: {rle} frame of {len(frame)} bytes lacks its 64-byte header")
+    count, *offsets = struct.unpack_from("<16I", frame)
+    if count != header["BitsAllocated"] // 8:  # one segment per byte of a monochrome sample
+        raise DicomDecodeError(f"{label}: {rle} frame has {count} segments, {header['BitsAllocated']}-bit samples need "
+                               f"{header['BitsAllocated'] // 8}")
+    per_segment = header["Rows"] * header["Columns"]
+    bounds = [*offsets[:count], len(frame)]
+    for i in range(count):
+        start, end = bounds[i], bounds[i + 1]
+        if not 64 <= start <= end <= len(frame):
+            raise DicomDecodeError(f"{label}: {rle} segment {i + 1} lies outside its frame (offsets {start}..{end})")
+        decoded = _packbits_length(frame, start, end, stop=per_segment + _RLE_SLACK)
+        if decoded > per_segment + _RLE_SLACK:
+            raise DicomDecodeError(f"{label}: {rle} segment {i + 1} decodes past {per_segment + _RLE_SLACK} bytes, "
+                                   f"its image needs {per_segment}")
+
+
+_RLE_SLACK = 128  # a segment may decode a little past its image (padding, one last run); pydicom trims it
+
+
+def _packbits_length(data: bytes, start: int, end: int, stop: int) -> int:
+    """Bytes the PackBits runs in data[start:end] decode to, counted until past `stop`."""
+    pos, total = start, 0
+    while pos < end and total <= stop:
+        run = data[pos]
+        if run < 128:  # the next run + 1 bytes literally
+            total, pos = total + run + 1, pos + run + 2
+        elif run > 128:  # the next byte 257 - run times
+            total, pos = total + 257 - run, pos + 2
+        else:  # 128: no operation
+            pos += 1
+    return total
 
 
 # JPEG (ITU T.81 B.1.1.3) start-of-frame markers: SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC); F7 is JPEG-LS SOF55.

@@ -683,3 +683,42 @@ def test_bombs_are_refused_from_their_header_under_a_memory_cap(tmp_path):
         assert name in result["message"], (name, result)
     for name in controls:
         assert results[str(tmp_path / name)]["type"] == "decoded", (name, results[str(tmp_path / name)])
+
+
+def _rle_with_segments(stored: np.ndarray, segments: list[bytes]) -> bytes:
+    """A 16-bit RLE Lossless CT of stored's shape whose one frame holds these PackBits segments."""
+    ds = ct_dataset(stored)
+    ds.compress(uid.RLELossless, stored.astype(np.uint16), generate_instance_uid=False)
+    offsets = [64 + sum(len(s) for s in segments[:i]) for i in range(len(segments))]
+    header = struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments)))
+    ds.PixelData = encapsulate([header + b"".join(segments)])
+    return file_bytes(ds)
+
+
+def test_rle_segments_that_expand_past_their_image_are_refused_before_decoding():
+    stored = stored_pixels(False, 12, seed=9, shape=(64, 64))
+    # Independent PackBits encoding: each segment as literal runs of up to 128 bytes (header n - 1).
+    planes = [(stored >> 8).astype(np.uint8).tobytes(), (stored & 0xFF).astype(np.uint8).tobytes()]
+    literal = [b"".join(bytes([len(p[i:i + 128]) - 1]) + p[i:i + 128] for i in range(0, len(p), 128)) for p in planes]
+    good = _rle_with_segments(stored, literal)
+    assert np.array_equal(decode(good).pixels, stored)  # the hand-made frame is a real image
+
+    # 200 KB of two-byte runs that each repeat a byte 128 times: 12.8 MB for an image that needs 4 KB per segment.
+    flood = b"\x81\x00" * 100_000
+    assert_refused(_rle_with_segments(stored, [flood, literal[1]]), "RLE Lossless (1.2.840.10008.1.2.5) segment 1 decodes past")
+    assert_refused(_rle_with_segments(stored, literal[:1]), "1 segments, 16-bit samples need 2")
+    ds = pydicom.dcmread(io.BytesIO(good))
+    frame = bytearray(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1))
+    frame[8:12] = struct.pack("<I", len(frame) + 1000)  # the second segment starts past the frame's end
+    ds.PixelData = encapsulate([bytes(frame)])
+    assert_refused(file_bytes(ds), "segment 1 lies outside its frame")
+
+
+def test_random_byte_flips_in_an_rle_file():
+    """Flips anywhere in a small RLE file: header, fragment table, segment offsets, runs (found an IndexError once)."""
+    data = rle_claiming(8, 8)
+    rng = np.random.default_rng(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoded = sum(decode_or_refuse(flipped(data, 0, len(data), rng)) for _ in range(MUTANTS))
+    assert 0 < decoded < MUTANTS
