@@ -73,7 +73,7 @@ def test_submission_follows_the_sample_and_refuses_missing_images(setup, preds, 
         submission(preds, tmp_path / "sub2.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"))
     errors = pd.read_csv(tmp_path / "errors.csv")
     truncated = frame.index[frame["quirk"] == "truncated"][0]
-    assert errors["image_id"].tolist() == [truncated] and "expected" in errors["reason"].iloc[0]
+    assert errors["image_id"].tolist() == [truncated] and "cut short" in errors["reason"].iloc[0]
     filled = submission(preds, tmp_path / "sub3.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"),
                         allow_missing=True)
     rows = filled.set_index("ID").loc[[f"{truncated}_{n}" for n in LABELS], "Label"]
