@@ -308,20 +308,6 @@ def balance(train: pd.DataFrame, *, epoch: int, seed: int = 0, neg_ratio: float 
     return rows.iloc[rng.permutation(len(rows))]
 
 
-def deal(rows: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
-    """`rows` in `parts` equal, contiguous parts of len(rows) // parts rows; the few left over sit this epoch out.
-
-    Data-parallel ranks must take the same number of steps (and meet a one-image last batch together).
-    A cache's rows are first grouped by shard, in the order of each shard's first row (image_dataset reads
-    them shard by shard anyway), so that each shard is read by about one rank rather than by all of them.
-    """
-    if "shard" in rows.columns:
-        first_seen = pd.Categorical(rows["shard"], categories=pd.unique(rows["shard"]))
-        rows = rows.iloc[np.argsort(first_seen.codes, kind="stable")]
-    n = len(rows) // parts
-    return [rows.iloc[i * n:(i + 1) * n] for i in range(parts)]
-
-
 def balance_logit_offset(train: pd.DataFrame, neg_ratio: float = 1.0) -> np.ndarray:
     """Per-label logit shift from balanced-epoch odds back to the training set's own odds, shape (6,).
 

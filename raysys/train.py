@@ -118,12 +118,9 @@ def fit_split(cfg: Config, split: Split, backbone: ray.ObjectRef | None, callbac
 
 
 def build_datasets(cfg: Config, split: Split) -> dict:
-    """{"val": ..., "train_<epoch>_rank<r>": ...}: one lazy dataset per epoch and rank, balanced with (seed, epoch).
+    """{"val": ..., "train_1": ..., "train_E": ...}: one lazy dataset per epoch, balanced with (seed, epoch).
 
-    Each rank gets its own equal share of the epoch's rows (data.deal) and streams it in its own process:
-    no split coordinator to start per epoch (Train V2 starts one, an actor process, when a worker first asks
-    for a split dataset, and each epoch's first batch waited for it: 2.9 s on 2 cores), and which images a
-    rank sees depends only on (seed, epoch, rank). Nothing is decoded here.
+    Nothing is decoded here; each epoch's dataset streams when its workers iterate it.
     """
     d = cfg.data
     kwargs = {"windows": d.windows, "size": d.image_size, "decode_cpus": d.decode_cpus}
@@ -131,16 +128,10 @@ def build_datasets(cfg: Config, split: Split) -> dict:
     datasets = {"val": rdata.image_dataset(split.val, split.source, **kwargs).select_columns(VAL_COLUMNS, **fractional)}
     for epoch in range(1, cfg.train.epochs + 1):
         rows = rdata.balance(split.train, epoch=epoch, seed=d.seed, neg_ratio=d.neg_ratio)
-        for rank, part in enumerate(rdata.deal(rows, cfg.train.workers)):
-            ds = rdata.image_dataset(part, split.source, **kwargs)
-            ds = rdata.augment_dataset(ds, cfg.augment, seed=d.seed, epoch=epoch, decode_cpus=d.decode_cpus)
-            datasets[epoch_dataset(epoch, rank)] = ds.select_columns(train_columns(cfg), **fractional)
+        ds = rdata.image_dataset(rows, split.source, **kwargs)
+        ds = rdata.augment_dataset(ds, cfg.augment, seed=d.seed, epoch=epoch, decode_cpus=d.decode_cpus)
+        datasets[f"train_{epoch}"] = ds.select_columns(train_columns(cfg), **fractional)
     return datasets
-
-
-def epoch_dataset(epoch: int, rank: int) -> str:
-    """The name of a rank's training dataset for an epoch."""
-    return f"train_{epoch}_rank{rank}"
 
 
 def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
@@ -172,8 +163,8 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        # Every worker reads its own datasets (build_datasets dealt the rows); validation is read whole by rank 0.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Every worker trains on its own part of each epoch; validation is read whole by rank 0.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
     )
 
 
@@ -204,10 +195,16 @@ def train_loop(config: dict) -> None:
     epoch_seconds = []
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        # Each epoch's pipeline starts when the epoch does, in this process. Starting the next one early (a
-        # background thread holding its first batches) deadlocked two concurrent 2-core trials: the held
-        # pipelines' tasks kept the CPUs the running epochs needed.
-        stats = train_one_epoch(model, _shard(epoch_dataset(epoch, rank), cfg, device), optimizer, loss_fn, device, amp=amp,
+        batches = _shard(f"train_{epoch}", cfg, device)
+        if epoch < t.epochs:
+            # Train V2 starts a split dataset's coordinator (an actor process) when the workers first ask for it:
+            # ~2.9 s before each epoch's first batch on 2 cores. Asked for now, it starts while this epoch trains;
+            # it holds no CPU and runs nothing until iterated. (Running the next epoch's pipeline early, from a
+            # thread holding its first batches, deadlocked two concurrent 2-core trials: its tasks kept the CPUs
+            # the running epochs needed. Per-rank datasets streamed in the worker's own process made the demo's
+            # two concurrent trials 50% slower.)
+            ray.train.get_dataset_shard(f"train_{epoch + 1}")
+        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp,
                                 augment=augment, aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)

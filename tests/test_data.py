@@ -132,27 +132,6 @@ def test_balance_ratio_and_redraw_per_epoch(scanned):
     assert (half["any"] == 0).sum() == round(0.5 * pos)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 7])
-def test_deal_gives_each_rank_an_equal_disjoint_share(parts):
-    rng = np.random.default_rng(parts)
-    rows = pd.DataFrame({"image_id": [f"ID_{i}" for i in range(50)],
-                         "shard": rng.choice(["s0", "s1", "s2", "s3"], size=50)}).sample(frac=1, random_state=parts)
-    dealt = rdata.deal(rows, parts)
-    assert [len(p) for p in dealt] == [50 // parts] * parts  # every rank takes the same number of steps
-    ids = [i for p in dealt for i in p["image_id"]]
-    assert len(set(ids)) == len(ids) == parts * (50 // parts)  # disjoint, at most parts - 1 rows left out
-    # Shards stay together, in the order of their first row: a shard is split only where a part ends.
-    order = list(dict.fromkeys(rows["shard"]))
-    dealt_shards = [s for p in dealt for s in p["shard"]]
-    assert dealt_shards == sorted(dealt_shards, key=order.index)
-    assert [list(p.index) for p in rdata.deal(rows, parts)] == [list(p.index) for p in dealt]  # deterministic
-
-
-def test_deal_keeps_the_order_of_rows_without_shards():
-    rows = pd.DataFrame({"image_id": [f"ID_{i}" for i in (5, 3, 9, 1, 7)]})
-    assert [list(p["image_id"]) for p in rdata.deal(rows, 2)] == [["ID_5", "ID_3"], ["ID_9", "ID_1"]]
-
-
 def test_balance_logit_offset_matches_the_odds_of_balanced_epochs(scanned):
     index = scanned[0].index
     offset = rdata.balance_logit_offset(index, neg_ratio=1.0)
