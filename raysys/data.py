@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 _DATA = DataConfig()  # the defaults of every keyword below come from the one configuration
 PROGRESS_EVERY_S = 10.0  # one progress line per interval for long scans, never a redrawn bar
 
-META_COLUMNS = ["image_id", "path", "patient_id", "study_id", "series_id", "z"]
+META_COLUMNS = ["image_id", "path", "patient_id", "study_id", "series_id", "z", "position"]
 ERROR_COLUMNS = ["image_id", "path", "reason"]
 CACHE_MARKER = "raysys-cache.json"  # written last by prepare(); its presence marks a complete cache
 CACHE_INDEX = "index.parquet"  # one row per cached image: META_COLUMNS + shard + row
@@ -123,9 +123,11 @@ def _decode_rows(batch: dict, windows: tuple[Window, ...] | None, size: int, str
         out["study_id"].append(meta.study_id if meta else "")
         out["series_id"].append(meta.series_id if meta else "")
         out["z"].append(meta.z if meta else float("nan"))
+        out["position"].append(meta.position if meta else float("nan"))
         out["image"].append(image)
         out["error"].append(error)
-    return {name: np.array(values, dtype=object if name != "z" else np.float64) for name, values in out.items()}
+    return {name: np.array(values, dtype=np.float64 if name in ("z", "position") else object)
+            for name, values in out.items()}
 
 
 def _read_dicoms(paths: str | list[str], decode_cpus: float) -> ray.data.Dataset:
@@ -190,7 +192,7 @@ def scan(
         frame, source = _collect(ds, f"scan {data}"), "dicom"
     if frame.empty:
         raise DataError(f"{data}: no .dcm files found")
-    text = [c for c in frame.columns if c not in ("z", "row")]
+    text = [c for c in frame.columns if c not in ("z", "position", "row")]
     frame[text] = frame[text].astype(str)
     scheme, sep, _ = data.partition("://")
     if sep and source == "dicom":  # Ray lists s3://bucket/key as bucket/key; keep paths re-readable
@@ -291,6 +293,33 @@ def split_by_patient(
 def degenerate_validation(val: pd.DataFrame) -> bool:
     """True when the validation side has no image with a bleed: its score then only measures negatives."""
     return len(val) == 0 or int((val[LABELS[ANY]] == 1).sum()) == 0
+
+
+def order_series(index: pd.DataFrame) -> pd.DataFrame:
+    """`index` ordered series by series, each by position (ties by image id), with each image's place in it.
+
+    Adds `slice` (0 = lowest position), `series_slices`, `duplicate_position` (another slice of the series
+    lies at the same place) and `gap_before` (the step from the previous slice is over 1.5 x the series'
+    median step: slices are missing there, e.g. files that failed to decode). An image without a
+    SeriesInstanceUID is a series of its own; a series' slices may come from any folders.
+    """
+    series = index["series_id"].where(index["series_id"] != "", "image:" + index["image_id"])
+    position = pd.to_numeric(index["position"], errors="coerce").astype(np.float64)
+    frame = index.assign(_series=series, position=position).sort_values(["_series", "position", "image_id"],
+                                                                         na_position="last")
+    groups = frame.groupby("_series", sort=False)
+    frame["slice"] = groups.cumcount()
+    frame["series_slices"] = groups["image_id"].transform("size")
+    step = groups["position"].diff().abs()
+    median = step.where(step > 0).groupby(frame["_series"]).transform("median")
+    frame["gap_before"] = (step > 1.5 * median).astype(bool)  # False where either is nan (first slice, one-slice series)
+    frame["duplicate_position"] = frame.duplicated(["_series", "position"], keep=False) & frame["position"].notna()
+    return frame.drop(columns="_series")
+
+
+def series_dataset(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """A Ray Data step: rows grouped by series and ordered within it (order_series on each series' rows)."""
+    return ds.groupby("series_id").map_groups(order_series, batch_format="pandas")
 
 
 def balance(train: pd.DataFrame, *, epoch: int, seed: int = 0, neg_ratio: float = 1.0) -> pd.DataFrame:
@@ -467,8 +496,11 @@ def _write_shard(batch: dict, out: str) -> dict:
 def _read_cache_index(data: str) -> pd.DataFrame:
     """The cache's images (META_COLUMNS + shard + row) and its unreadable files, as one scan frame."""
     index = pd.read_parquet(storage.open_bytes(storage.join(data, CACHE_INDEX)))
+    if "position" not in index.columns:  # a cache prepared before positions were indexed: z is what it had
+        index["position"] = index["z"]
     errors = pd.read_csv(storage.open_bytes(storage.join(data, "errors.csv")), dtype=str, keep_default_na=False)
-    errors = errors.rename(columns={"reason": "error"}).assign(patient_id="", study_id="", series_id="", z=np.nan)
+    errors = errors.rename(columns={"reason": "error"}).assign(patient_id="", study_id="", series_id="", z=np.nan,
+                                                               position=np.nan)
     return pd.concat([index.assign(error=""), errors], ignore_index=True)
 
 

@@ -69,6 +69,7 @@ class DicomMeta:
     study_id: str
     series_id: str
     z: float  # ImagePositionPatient[2] in mm; nan when absent or not finite
+    position: float  # place along the series' axis: see slice_position; nan when the header has nothing to go by
     pixel_spacing: tuple[float, float]  # (row, column) mm; (nan, nan) when absent or not finite
     rows: int
     columns: int
@@ -163,7 +164,9 @@ _WANTED_TAGS = {
     0x00100020: ("PatientID", "str"),
     0x0020000D: ("StudyInstanceUID", "str"),
     0x0020000E: ("SeriesInstanceUID", "str"),
+    0x00200013: ("InstanceNumber", "str"),
     0x00200032: ("ImagePositionPatient", "str"),
+    0x00200037: ("ImageOrientationPatient", "str"),
     0x00280002: ("SamplesPerPixel", "US"),
     0x00280004: ("PhotometricInterpretation", "str"),
     0x00280008: ("NumberOfFrames", "str"),
@@ -692,8 +695,24 @@ def _jpeg2000_size(data: bytes) -> tuple[int, int, int] | None:
     return ysiz - y_offset, xsiz - x_offset, components
 
 
+def slice_position(position: list[float], orientation: list[float], instance: list[float]) -> float:
+    """Where a slice lies along its series' axis: ImagePositionPatient projected on the slice normal (the cross
+    product of ImageOrientationPatient's row and column directions), in mm; else the position's z (RSNA files
+    have no InstanceNumber); else InstanceNumber (a slice count, not mm); else nan."""
+    if len(position) == 3 and len(orientation) == 6:
+        (rx, ry, rz), (cx, cy, cz) = orientation[:3], orientation[3:]
+        nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+        norm = math.sqrt(nx * nx + ny * ny + nz * nz)
+        if norm > 1e-6:  # directions that are not parallel
+            return (position[0] * nx + position[1] * ny + position[2] * nz) / norm
+    if len(position) == 3:
+        return position[2]
+    return instance[0] if len(instance) == 1 else float("nan")
+
+
 def _meta(header: dict, fixed: bool) -> DicomMeta:
     position = _float_list(header.get("ImagePositionPatient"))
+    orientation, instance = _float_list(header.get("ImageOrientationPatient")), _float_list(header.get("InstanceNumber"))
     spacing = _float_list(header.get("PixelSpacing"))
     center, width = _float_list(header.get("WindowCenter")), _float_list(header.get("WindowWidth"))
     return DicomMeta(
@@ -703,6 +722,7 @@ def _meta(header: dict, fixed: bool) -> DicomMeta:
         study_id=header.get("StudyInstanceUID", ""),
         series_id=header.get("SeriesInstanceUID", ""),
         z=position[2] if len(position) == 3 else float("nan"),
+        position=slice_position(position, orientation, instance),
         pixel_spacing=(spacing[0], spacing[1]) if len(spacing) == 2 else (float("nan"), float("nan")),
         rows=header["Rows"],
         columns=header["Columns"],

@@ -132,6 +132,68 @@ def test_balance_ratio_and_redraw_per_epoch(scanned):
     assert (half["any"] == 0).sum() == round(0.5 * pos)
 
 
+def _series_frame() -> pd.DataFrame:
+    """Hand-made index rows: each series' expected order is written out below, not computed."""
+    rows = [  # (image_id, series_id, position, folder)
+        ("a3", "A", 20.0, "x"), ("a1", "A", 5.0, "y"), ("a0", "A", 0.0, "x"), ("a4", "A", 25.0, "y"),
+        ("a2", "A", 10.0, "x"),  # 15 missing: a gap before a3
+        ("b2", "B", 5.0, "x"), ("b1", "B", 5.0, "x"), ("b0", "B", 0.0, "x"), ("b3", "B", 10.0, "x"),
+        ("c0", "C", 7.0, "x"),
+        ("n1", "", 3.0, "x"), ("n2", "", 1.0, "x"),  # no SeriesInstanceUID: each its own series
+        ("d1", "D", float("nan"), "x"), ("d0", "D", 2.0, "x"),  # no position: last in its series
+    ]
+    rows += [(f"e{i:03d}", "E", 2.5 * i, "x") for i in np.random.default_rng(0).permutation(120)]
+    return pd.DataFrame([{"image_id": i, "series_id": s, "position": p, "path": f"/{d}/{i}.dcm"} for i, s, p, d in rows])
+
+
+def test_order_series_orders_each_series_and_marks_gaps_and_duplicates():
+    ordered = order = rdata.order_series(_series_frame()).set_index("image_id")
+
+    def series(name):
+        return list(order[order["series_id"] == name].sort_values("slice").index)
+
+    assert series("A") == ["a0", "a1", "a2", "a3", "a4"]  # from two folders, by position
+    assert list(ordered.loc[["a0", "a1", "a2", "a3", "a4"], "gap_before"]) == [False, False, False, True, False]
+    assert series("B") == ["b0", "b1", "b2", "b3"]  # equal positions: by image id
+    assert list(ordered.loc[["b0", "b1", "b2", "b3"], "duplicate_position"]) == [False, True, True, False]
+    assert not ordered.loc[["b0", "b1", "b2", "b3"], "gap_before"].any()
+    assert ordered.loc["c0", ["slice", "series_slices"]].tolist() == [0, 1] and not ordered.loc["c0", "gap_before"]
+    assert ordered.loc[["n1", "n2"], "slice"].tolist() == [0, 0] and ordered.loc[["n1", "n2"], "series_slices"].tolist() == [1, 1]
+    assert series("D") == ["d0", "d1"]
+    assert series("E") == [f"e{i:03d}" for i in range(120)] and not ordered.loc[series("E"), "gap_before"].any()
+    assert (ordered.loc[series("E"), "series_slices"] == 120).all()
+
+
+def test_scanned_series_follow_their_slices_and_a_failed_slice_leaves_a_gap(phantom, scanned):
+    import pydicom
+
+    _, frame = phantom
+    found, _ = scanned
+    ordered = rdata.order_series(found.index)
+    truncated = frame.index[frame["quirk"] == "truncated"][0]
+    series = frame.loc[truncated, "series_id"]
+    rows = ordered[ordered["series_id"] == series].sort_values("slice")
+    # Independent truth: the InstanceNumber each file was written with (the phantom tilts its gantry, so
+    # ImagePositionPatient's z alone is not what orders the slices).
+    instance = {i: int(pydicom.dcmread(frame.loc[i, "path"], stop_before_pixels=True).InstanceNumber)
+                for i in frame.index[frame["series_id"] == series]}
+    assert list(rows["image_id"]) == sorted((i for i in instance if i != truncated), key=instance.get)
+    after = [i for i in sorted(instance, key=instance.get) if instance[i] == instance[truncated] + 1]
+    assert rows.set_index("image_id")["gap_before"].to_dict() == {i: i in after for i in rows["image_id"]}
+
+
+def test_series_dataset_groups_and_orders_in_ray_data(ray_session):
+    import ray
+
+    frame = _series_frame()
+    frame["series_id"] = frame["series_id"].where(frame["series_id"] != "", "")
+    got = rdata.series_dataset(ray.data.from_pandas(frame)).to_pandas().set_index("image_id")
+    want = rdata.order_series(frame).set_index("image_id")
+    assert sorted(got.index) == sorted(want.index)
+    columns = ["slice", "series_slices", "gap_before", "duplicate_position"]
+    assert got.loc[want.index, columns].astype(int).equals(want[columns].astype(int))
+
+
 def test_balance_logit_offset_matches_the_odds_of_balanced_epochs(scanned):
     index = scanned[0].index
     offset = rdata.balance_logit_offset(index, neg_ratio=1.0)

@@ -686,3 +686,32 @@ def test_rsna_file_matches_pydicom(index, caplog):
     assert meta.pixel_spacing == tuple(float(v) for v in ds.PixelSpacing)
     assert meta.window_center == float(ds.WindowCenter[0]) and meta.window_width == float(ds.WindowWidth[0])
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("path", ["direct", "pydicom"])
+def test_slice_position_along_the_normal_of_a_tilted_slice(tmp_path, path):
+    stored = np.arange(16, dtype=np.int64).reshape(4, 4)
+    ds = make_ct(stored, position="-112\\-9.8\\267.2")
+    tilt = np.deg2rad(20.0)  # gantry tilt: the column direction leaves the axial plane
+    row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(tilt), -np.sin(tilt)])
+    ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+    ds.InstanceNumber = 7
+    if path == "pydicom":  # an undefined-length sequence sends the file through pydicom's parser
+        ds.ReferencedImageSequence = pydicom.Sequence([Dataset()])
+        ds["ReferencedImageSequence"].is_undefined_length = True
+    meta = read_dicom(write(ds, tmp_path / "tilted.dcm"))[1]
+    normal = np.cross(row, col)
+    assert meta.position == pytest.approx(float(np.dot([-112, -9.8, 267.2], normal / np.linalg.norm(normal))), abs=1e-5)
+    assert meta.position != pytest.approx(267.2)  # not merely z
+    assert meta.z == pytest.approx(267.2)
+
+
+def test_slice_position_falls_back_to_z_then_instance_number(tmp_path):
+    stored = np.arange(16, dtype=np.int64).reshape(4, 4)
+    no_orientation = make_ct(stored, position="1\\2\\33.5")
+    assert read_dicom(write(no_orientation, tmp_path / "a.dcm"))[1].position == 33.5
+    no_position = make_ct(stored, position=None)
+    no_position.InstanceNumber = 12
+    assert read_dicom(write(no_position, tmp_path / "b.dcm"))[1].position == 12.0
+    nothing = make_ct(stored, position=None)
+    assert np.isnan(read_dicom(write(nothing, tmp_path / "c.dcm"))[1].position)

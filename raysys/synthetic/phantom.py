@@ -678,15 +678,19 @@ def _template(study: _Study, spacing: float) -> Dataset:
     return ds
 
 
-def _fill(ds: Dataset, study: _Study, k: int, image: np.ndarray, spacing: float, storage: str) -> None:
+def _fill(ds: Dataset, study: _Study, k: int, image: np.ndarray, spacing: float, storage: str, size: int) -> None:
     image_id = study.image_ids[k]
     rows, cols = image.shape
     bits, signed, intercept = _STORAGE[storage]
     _set_uid(ds, 0x00080018, image_id)
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[image_id])  # numeric, as in RSNA
     ds.InstanceNumber = k + 1
-    x0, y0 = -(cols - 1) / 2 * spacing, -(rows - 1) / 2 * spacing
-    ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{study.z0 + SLICE_GAP_MM * k:.4f}"]
+    x0, y0 = -(size - 1) / 2 * spacing, -(size - 1) / 2 * spacing  # the corner of the study's size x size slices
+    # A slice of another size (the "size" quirk) lies in the same plane: its corner moves along the row (1, 0, 0)
+    # and column (0, cos, -sin) directions, so a tilted series keeps one geometry.
+    dx, dy = (cols - size) / 2 * spacing, (rows - size) / 2 * spacing
+    x, y, z = x0 - dx, y0 - dy * math.cos(study.tilt), study.z0 + SLICE_GAP_MM * k + dy * math.sin(study.tilt)
+    ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
     ds.Rows, ds.Columns = rows, cols
     ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, signed
     ds.RescaleIntercept = intercept
@@ -728,7 +732,7 @@ def write_dataset(out_dir: str | Path, config: PhantomConfig) -> pd.DataFrame:
             else:
                 image = _render(study, canvas, k, rng)
             storage = quirk if quirk in ("signed", "wrapped_intercept") else "padded" if study.padded else "unsigned"
-            _fill(ds, study, k, image, spacing, storage)
+            _fill(ds, study, k, image, spacing, storage, config.size)
             path = dicoms / f"{image_id}.dcm"
             ds.save_as(path)
             if quirk == "truncated":  # an interrupted copy: the file ends half-way through its pixels
