@@ -577,7 +577,7 @@ def _decode_compressed(header: dict, label: str, syntax: str, limits: DecodeLimi
     if syntax in _JPEG_FAMILY or syntax in _JPEG2000_FAMILY:
         _check_codestream(header, label, syntax, limits)
     elif syntax == pydicom.uid.RLELossless:
-        _check_rle(header, label)
+        _check_rle(header, label, syntax)
     try:
         arr = header["_dataset"].pixel_array
     except (RuntimeError, NotImplementedError) as e:
@@ -593,10 +593,7 @@ def _decode_compressed(header: dict, label: str, syntax: str, limits: DecodeLimi
 def _check_codestream(header: dict, label: str, syntax: str, limits: DecodeLimits) -> None:
     """The decoder sizes its output from the codestream, not the DICOM header: check that size first."""
     name = f"{pydicom.uid.UID(syntax).name} ({syntax})"
-    try:
-        frame = get_frame(header["PixelData"], 0, number_of_frames=1)
-    except Exception as e:  # pydicom's fragment parser on damaged items
-        raise DicomDecodeError(f"{label}: cannot read the {name} fragments ({type(e).__name__}: {e})") from None
+    frame = _first_frame(header, label, name)
     size = _jpeg_size(frame) if syntax in _JPEG_FAMILY else _jpeg2000_size(frame)
     marker = "SOF" if syntax in _JPEG_FAMILY else "SIZ"
     if size is None:
@@ -611,14 +608,19 @@ def _check_codestream(header: dict, label: str, syntax: str, limits: DecodeLimit
         raise UnsupportedImageError(f"{label}: {name} codestream has {components} components, expected 1 (monochrome)")
 
 
-def _check_rle(header: dict, label: str) -> None:
+def _first_frame(header: dict, label: str, name: str) -> bytes:
+    """The first frame's bytes of encapsulated pixel data (its fragments joined)."""
+    try:
+        return get_frame(header["PixelData"], 0, number_of_frames=1)
+    except Exception as e:  # pydicom's fragment parser on damaged items
+        raise DicomDecodeError(f"{label}: cannot read the {name} fragments ({type(e).__name__}: {e})") from None
+
+
+def _check_rle(header: dict, label: str, syntax: str) -> None:
     """pydicom's RLE decoder expands a whole segment (up to 64x its size) before it checks the length: count
     each segment's decoded bytes from its run headers first (PS3.5 annex G), allocating nothing."""
-    rle = f"RLE Lossless ({pydicom.uid.RLELossless})"
-    try:
-        frame = get_frame(header["PixelData"], 0, number_of_frames=1)
-    except Exception as e:  # pydicom's fragment parser on damaged items
-        raise DicomDecodeError(f"{label}: cannot read the {rle} fragments ({type(e).__name__}: {e})") from None
+    rle = f"{pydicom.uid.UID(syntax).name} ({syntax})"
+    frame = _first_frame(header, label, rle)
     if len(frame) < 64:
         raise DicomDecodeError(f"{label}: {rle} frame of {len(frame)} bytes lacks its 64-byte header")
     count, *offsets = struct.unpack_from("<16I", frame)

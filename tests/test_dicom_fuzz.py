@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
 from raysys.dicom import DEFAULT_LIMITS, DecodeLimits, DicomDecodeError, UnsupportedImageError, decode, read_dicom
+from raysys.testing import hostile_bodies
 
 REPO = Path(__file__).resolve().parents[1]
 EXPLICIT = uid.ExplicitVRLittleEndian
@@ -599,25 +600,6 @@ for path in sys.argv[1:]:
 """
 
 
-def deflate_bomb(padding: int) -> bytes:
-    """A deflated CT whose dataset holds a `padding`-byte private OB element of zeros before its pixels.
-
-    The zeros go through the compressor once, as one 1 MiB block ended by a full flush (byte-aligned,
-    no references back past it), so repeating that block's output repeats the 1 MiB.
-    """
-    data, _, _, _ = fixture("explicit")
-    dataset = data[meta_end(data) :]
-    pixels = top_level_elements(dataset, True)[-1]  # PixelData, the last element
-    creator = encode_element(0x00290010, "LO", text("RAYSYS FUZZ"), True)
-    blob_head = encode_element(0x00291010, "OB", b"", True)[:-4] + struct.pack("<I", padding)
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    head = compressor.compress(dataset[: pixels[1]] + creator + blob_head) + compressor.flush(zlib.Z_FULL_FLUSH)
-    mib = compressor.compress(bytes(2**20)) + compressor.flush(zlib.Z_FULL_FLUSH)
-    tail = compressor.compress(dataset[pixels[1] :]) + compressor.flush()
-    meta = deflated_copy(data)
-    return meta[: meta_end(meta)] + head + mib * (padding // 2**20) + tail
-
-
 def inflated_size(stream: bytes) -> int:
     """Bytes a raw deflate stream inflates to, counted 16 MiB at a time."""
     inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, stream
@@ -648,8 +630,7 @@ def run_capped(paths: list[Path]) -> dict[str, dict]:
 
 
 def test_bombs_are_refused_from_their_header_under_a_memory_cap(tmp_path):
-    padding = 600 * 2**20
-    bomb = deflate_bomb(padding)
+    bomb = hostile_bodies(fixture("explicit")[0])["deflate_bomb"]  # 600 MiB of zeros before the pixels
     assert len(bomb) < 1_000_000  # under a megabyte on disk...
     assert inflated_size(bomb[meta_end(bomb) :]) >= 512 * 2**20  # ...over 512 MiB inflated
 
