@@ -1,4 +1,4 @@
-"""`raysys` subcommands: synth, prepare, train, tune, predict, evaluate, serve, demo.
+"""`raysys` subcommands: synth, prepare, train, train-sequence, tune, predict, evaluate, serve, demo.
 
 Every default lives in raysys/config.py: a flag left out keeps the configuration's value, and
 every local path a flag names is made absolute there, once.
@@ -55,6 +55,20 @@ SWEEP_FLAGS = {
     "--decay-min": ("sweep.decay_min", float, "per-epoch decay, uniform from"),
     "--decay-max": ("sweep.decay_max", float, "... to"),
 }
+SEQUENCE_FLAGS = {
+    "--checkpoint": ("sequence.cnn", str, "the trained CNN checkpoint directory or URI (a run's or sweep's best)"),
+    **{flag: RECIPE_FLAGS[flag] for flag in ("--data", "--labels", "--val-fraction", "--folds", "--fold", "--seed",
+                                             "--max-error-fraction", "--workers", "--gpus-per-worker",
+                                             "--cpus-per-worker", "--storage-path", "--name", "--max-failures")},
+    "--epochs": ("sequence.epochs", int, "passes over the training series"),
+    "--lr": ("sequence.lr", float, "AdamW learning rate"),
+    "--decay": ("sequence.decay", float, "per-epoch learning-rate decay"),
+    "--weight-decay": ("sequence.weight_decay", float, "AdamW weight decay"),
+    "--hidden": ("sequence.hidden", int, "GRU width per direction"),
+    "--dropout": ("sequence.dropout", float, "dropout on the projected slice inputs"),
+    "--features": ("sequence.features", str, "true/false: read the CNN's pooled features besides its logits"),
+    "--batch-size": ("sequence.batch_size", int, "series per step"),
+}
 INFERENCE_FLAGS = {
     "--batch-size": ("batch_size", int, "images per forward pass"),
     "--actors": ("actors", int, "model replicas in the actor pool"),
@@ -90,7 +104,7 @@ def _given(args: argparse.Namespace, table: dict) -> dict:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, *tables: dict) -> None:
-    parser.add_argument("--config", help="YAML config (sections data, augment, model, train, sweep); flags override it")
+    parser.add_argument("--config", help="YAML config (sections data, augment, model, train, sweep, sequence); flags override it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")
     merged = {}
     for table in tables:
@@ -157,6 +171,18 @@ def cmd_train(args: argparse.Namespace) -> None:
                       SCORE: result.best_metrics[SCORE], "epochs": int(result.history["epoch"].max())}))
 
 
+def cmd_train_sequence(args: argparse.Namespace) -> None:
+    from raysys.runtime import init_ray
+    from raysys.train import SCORE
+    from raysys.train_sequence import fit_sequence
+
+    cfg = _config(args)
+    init_ray(args.address)
+    result = fit_sequence(cfg)
+    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
+                      SCORE: result.best_metrics[SCORE], "epochs": int(result.history["epoch"].max())}))
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from raysys.runtime import init_ray
     from raysys.tune import sweep
@@ -192,7 +218,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     init_ray(args.address)
     preds = predict_folder(args.checkpoint, args.data, cfg, run_dir=args.out)
     metrics = evaluate_predictions(preds, args.labels, args.checkpoint, args.out)
-    print(json.dumps({k: metrics[k] for k in ("n_images", "weighted_log_loss", "prior_weighted_log_loss")}))
+    shown = {k: metrics[k] for k in ("n_images", "weighted_log_loss", "prior_weighted_log_loss")}
+    if "cnn" in metrics:  # a sequence checkpoint: its CNN alone beside it
+        shown["cnn_weighted_log_loss"] = metrics["cnn"]["weighted_log_loss"]
+    print(json.dumps(shown))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -257,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     _add_config_flags(p, RECIPE_FLAGS)
     p.add_argument("--address", **address)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-sequence", help="train the study-context stage (a BiGRU over each series) on a "
+                       "trained CNN's outputs with Ray Train; resumes a run of the same name")
+    _add_config_flags(p, SEQUENCE_FLAGS)
+    p.add_argument("--address", **address)
+    p.set_defaults(func=cmd_train_sequence)
 
     p = sub.add_parser("tune", help="sweep lr and decay with Ray Tune (ASHA); export the best checkpoint")
     recipe = {k: v for k, v in RECIPE_FLAGS.items() if k not in ("--name", "--storage-path", "--epochs", "--lr",

@@ -157,12 +157,42 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class SequenceConfig:
+    """The study-context stage (`raysys train-sequence`): a bidirectional GRU over a trained CNN's per-slice outputs.
+
+    Its run uses the data, split and train sections too (storage_path, name, workers, resources); defaults were
+    chosen on held-out phantom studies (README, "Study context").
+    """
+
+    cnn: str = ""  # the trained CNN checkpoint directory (local path or URI) whose embeddings the stage reads
+    epochs: int = 20  # passes over the training series; the best epoch by validation score is kept
+    lr: float = 1e-3  # AdamW
+    decay: float = 1.0  # lr x decay^epoch
+    weight_decay: float = 1e-2  # AdamW's: a few hundred series are easy to overfit
+    hidden: int = 32  # GRU width per direction
+    dropout: float = 0.5  # on the projected slice inputs
+    features: bool = True  # read the CNN's pooled features besides its logits (False: logits only)
+    batch_size: int = 8  # series per step
+
+    def __post_init__(self) -> None:
+        if self.cnn:
+            _resolve_fields(self, "cnn")
+        if self.epochs < 1 or self.batch_size < 1 or self.hidden < 1:
+            raise ValueError(f"sequence.epochs, batch_size and hidden must be >= 1, "
+                             f"got {self.epochs}, {self.batch_size}, {self.hidden}")
+        if self.lr <= 0 or not 0 < self.decay <= 1 or self.weight_decay < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"sequence: need lr > 0, decay in (0, 1], weight_decay >= 0 and dropout in [0, 1), got "
+                             f"{self.lr}, {self.decay}, {self.weight_decay}, {self.dropout}")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
     def __post_init__(self) -> None:
         if self.model.aux_logits and self.data.image_size < 299:

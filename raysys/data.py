@@ -298,23 +298,24 @@ def degenerate_validation(val: pd.DataFrame) -> bool:
 def order_series(index: pd.DataFrame) -> pd.DataFrame:
     """`index` ordered series by series, each by position (ties by image id), with each image's place in it.
 
-    Adds `slice` (0 = lowest position), `series_slices`, `duplicate_position` (another slice of the series
-    lies at the same place) and `gap_before` (the step from the previous slice is over 1.5 x the series'
-    median step: slices are missing there, e.g. files that failed to decode). An image without a
-    SeriesInstanceUID is a series of its own; a series' slices may come from any folders.
+    Adds `series` (the series' key: its SeriesInstanceUID; an image without one is a series of its own,
+    "image:<image id>"), `slice` (0 = lowest position), `series_slices`, `duplicate_position` (another slice
+    of the series lies at the same place) and `gap_before` (the step from the previous slice is over 1.5 x
+    the series' median step: slices are missing there, e.g. files that failed to decode). A series' slices
+    may come from any folders.
     """
     series = index["series_id"].where(index["series_id"] != "", "image:" + index["image_id"])
     position = pd.to_numeric(index["position"], errors="coerce").astype(np.float64)
-    frame = index.assign(_series=series, position=position).sort_values(["_series", "position", "image_id"],
-                                                                         na_position="last")
-    groups = frame.groupby("_series", sort=False)
+    frame = index.assign(series=series, position=position).sort_values(["series", "position", "image_id"],
+                                                                       na_position="last")
+    groups = frame.groupby("series", sort=False)
     frame["slice"] = groups.cumcount()
     frame["series_slices"] = groups["image_id"].transform("size")
     step = groups["position"].diff().abs()
-    median = step.where(step > 0).groupby(frame["_series"]).transform("median")
+    median = step.where(step > 0).groupby(frame["series"]).transform("median")
     frame["gap_before"] = (step > 1.5 * median).astype(bool)  # False where either is nan (first slice, one-slice series)
-    frame["duplicate_position"] = frame.duplicated(["_series", "position"], keep=False) & frame["position"].notna()
-    return frame.drop(columns="_series")
+    frame["duplicate_position"] = frame.duplicated(["series", "position"], keep=False) & frame["position"].notna()
+    return frame
 
 
 def series_dataset(ds: ray.data.Dataset) -> ray.data.Dataset:

@@ -66,6 +66,24 @@ def infer(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.dev
     return p.cpu().numpy()
 
 
+@torch.inference_mode()
+def embed(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features (B, F) float32, logits (B, 6) float32) of uint8 images (B, C, S, S), one forward pass.
+
+    features: the pooled vector InceptionV3's classifier reads (F = 2048); logits: what `infer` turns into
+    probabilities (the checkpoint's logit offset included). The sequence stage's input.
+    """
+    head = unwrap(model).net.fc
+    seen = []
+    hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        with autocast(device, use_amp(INFERENCE_AMP, device)):
+            logits = model(_inputs(images, model, device)).float()
+    finally:
+        hook.remove()
+    return seen[0].float().cpu().numpy(), logits.cpu().numpy()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict],
@@ -137,24 +155,26 @@ def score_batches(model: nn.Module, batches: Iterable[dict], device: torch.devic
 
 
 def validate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:
-    """Validation metrics: the competition score, per-class log loss and AUC, and the positives seen.
+    """Validation metrics of a model over labelled image batches (validation_metrics, plus val_seconds)."""
+    start = time.perf_counter()
+    out = score_batches(model, batches, device)
+    return {**validation_metrics(out["labels"], out["probabilities"]), "val_seconds": time.perf_counter() - start}
+
+
+def validation_metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    """The competition score, per-class log loss and AUC, and the positives seen, for labels y and probabilities p.
 
     `val_degenerate` is 1 when no validation image has a bleed (`any` = 0 everywhere): the score
     then measures only how confidently negatives are called negative.
     """
-    start = time.perf_counter()
-    out = score_batches(model, batches, device)
-    y, p = out["labels"], out["probabilities"]
     positives = int(y[:, ANY].sum())
     counts = {"val_images": int(len(y)), "val_positives": positives, "val_degenerate": int(positives == 0)}
     if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
         return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": dict.fromkeys(LABELS, float("inf")),
-                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), **counts,
-                "val_seconds": time.perf_counter() - start}
+                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), **counts}
     return {
         "val_weighted_log_loss": weighted_log_loss(y, p),
         "val_per_class_log_loss": per_class_log_loss(y, p),
         "val_per_class_auc": per_class_auc(y, p),
         **counts,
-        "val_seconds": time.perf_counter() - start,
     }

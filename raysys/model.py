@@ -219,11 +219,17 @@ def read_state(directory: str | Path) -> dict:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """The one loader for batch inference and serving: eval mode, on `device`, channels_last on CUDA."""
+    """The one loader for batch inference and serving: eval mode, on `device`, channels_last on CUDA.
+
+    For a sequence checkpoint (raysys.sequence), its CNN."""
     import yaml
 
     local = storage.local_dir(directory)
     meta = read_meta(local)
+    if meta.get("stage") == "sequence":  # its CNN: what every per-slice reader of the checkpoint needs
+        from raysys.sequence import resolve_cnn
+
+        return load_checkpoint(resolve_cnn(str(local), meta), device)
     config = yaml.safe_load((local / CONFIG_FILE).read_text()) if (local / CONFIG_FILE).is_file() else {}
     model = build_model(image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False))
     state = read_state(local)

@@ -14,10 +14,11 @@ import torch
 from raysys import data as rdata
 from raysys import storage
 from raysys.config import InferenceConfig
-from raysys.engine import infer
+from raysys.engine import embed, infer
 from raysys.labels import LABELS, read_labels, sample_image_ids, write_submission
 from raysys.metrics import summarize
 from raysys.model import load_checkpoint, read_meta
+from raysys.sequence import is_sequence, load_sequence, score_rows, series_items
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,51 @@ class Predictor:
                 "probabilities": infer(self.model, batch["image"], self.device, tta=self.tta)}
 
 
+class Embedder:
+    """map_batches actor: a checkpoint's CNN, loaded once; (B, C, S, S) uint8 -> its pooled features (B, F)
+    float16 (F = 0 when `features` is False) and logits (B, 6) float32: the sequence stage's input."""
+
+    def __init__(self, checkpoint: str, features: bool = True):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_checkpoint(checkpoint, self.device).model
+        self.features = features
+
+    def __call__(self, batch: dict) -> dict:
+        features, logits = embed(self.model, batch["image"], self.device)
+        kept = features if self.features else features[:, :0]
+        return {"image_id": batch["image_id"], "features": kept.astype(np.float16), "logits": logits}
+
+
 @dataclass(frozen=True)
 class Predictions:
     frame: pd.DataFrame  # image_id + LABELS probability columns, one row per readable image
     errors: pd.DataFrame  # unreadable files (image_id, path, reason)
     seconds: float
+    cnn_frame: pd.DataFrame | None = None  # a sequence checkpoint's CNN alone, same rows (None for a CNN checkpoint)
+
+
+def run_model(ds: ray.data.Dataset, actor: type, kwargs: dict, cfg: InferenceConfig, total: int, what: str,
+              progress: bool = True) -> dict[str, np.ndarray]:
+    """Every row of `ds` through `actor` (Predictor or Embedder) in an actor pool, collected on the driver:
+    the actor's output columns concatenated, with a progress line (img/s, ETA) every PROGRESS_EVERY_S."""
+    resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {"num_cpus": cfg.cpus_per_actor}
+    ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), **resources)
+    parts, done, start = {}, 0, time.perf_counter()
+    shown = start
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+        done += len(batch["image_id"])
+        now = time.perf_counter()
+        if progress and (now - shown > rdata.PROGRESS_EVERY_S or done == total):
+            rate = done / (now - start)
+            log.info("%s: %d/%d images  %.1f img/s  ETA %.0fs", what, done, total, rate, (total - done) / rate)
+            shown = now
+    out = {key: np.concatenate(values) for key, values in parts.items()}
+    if done != total or len(set(out.get("image_id", []))) != total:
+        raise RuntimeError(f"{what} returned {done} rows for {total} images")  # never pad or drop
+    return out
 
 
 def predict_folder(
@@ -50,35 +91,45 @@ def predict_folder(
     run_dir: str | None = None,
     progress: bool = True,
 ) -> Predictions:
-    """Score every readable image under `data` with the checkpoint's own preprocessing."""
+    """Score every readable image under `data` with the checkpoint's own preprocessing.
+
+    A sequence checkpoint scores each series in slice order (its CNN over every image in the actor pool, then
+    the GRU over each series on the driver); rows stay one per image."""
     checkpoint, data = storage.resolve(checkpoint), storage.resolve(data)
     meta = read_meta(checkpoint)
     found = rdata.scan(data, training=False, max_error_fraction=cfg.max_error_fraction, run_dir=run_dir)
-    start = time.perf_counter()
+    start, total = time.perf_counter(), len(found.index)
     ds = rdata.image_dataset(found.index, found, windows=meta["windows"], size=meta["image_size"], with_labels=False)
-    resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {"num_cpus": cfg.cpus_per_actor}
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "tta": cfg.tta},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        **resources,
-    )
-    ids, probs, total, shown = [], [], len(found.index), start
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.extend(batch["image_id"])
-        probs.append(batch["probabilities"])
-        now = time.perf_counter()
-        if progress and (now - shown > rdata.PROGRESS_EVERY_S or len(ids) == total):
-            rate = len(ids) / (now - start)
-            log.info("predict: %d/%d images  %.1f img/s  ETA %.0fs", len(ids), total, rate, (total - len(ids)) / rate)
-            shown = now
-    frame = pd.DataFrame(np.concatenate(probs) if probs else np.zeros((0, 6)), columns=list(LABELS))
-    frame.insert(0, "image_id", [str(i) for i in ids])
-    if frame["image_id"].duplicated().any() or len(frame) != total:
-        raise RuntimeError(f"inference returned {len(frame)} rows for {total} images")  # never pad or drop
-    return Predictions(frame=frame, errors=found.errors, seconds=time.perf_counter() - start)
+    cnn_frame = None
+    if is_sequence(meta):
+        if cfg.tta != "none":
+            raise ValueError(f"{checkpoint}: test-time augmentation applies to CNN checkpoints only, not a sequence stage")
+        out = run_model(ds, Embedder, {"checkpoint": checkpoint, "features": meta["sequence"]["features"] > 0},
+                        cfg, total, "predict (CNN)", progress)
+        ids = [str(i) for i in out["image_id"]]
+        cnn_frame = _frame(ids, 1 / (1 + np.exp(-out["logits"].astype(np.float64))))
+        probabilities = sequence_probabilities(checkpoint, found.index, ids, out["features"], out["logits"])
+    else:
+        out = run_model(ds, Predictor, {"checkpoint": checkpoint, "tta": cfg.tta}, cfg, total, "predict", progress)
+        ids, probabilities = [str(i) for i in out["image_id"]], out["probabilities"]
+    return Predictions(frame=_frame(ids, probabilities), errors=found.errors, seconds=time.perf_counter() - start,
+                       cnn_frame=cnn_frame)
+
+
+def sequence_probabilities(checkpoint: str, index: pd.DataFrame, ids: list[str], features: np.ndarray,
+                           logits: np.ndarray) -> np.ndarray:
+    """The sequence stage's (len(ids), 6) probabilities, row i for ids[i], from the CNN outputs of those images."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stage = load_sequence(checkpoint, device)
+    rows = index.set_index("image_id").loc[ids].reset_index().assign(row=np.arange(len(ids)))
+    items = series_items(rdata.order_series(rows), features.astype(np.float32), logits, labels=False)
+    return score_rows(stage.model, items, len(ids), device)
+
+
+def _frame(ids: list[str], probabilities: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(probabilities if len(ids) else np.zeros((0, len(LABELS))), columns=list(LABELS))
+    frame.insert(0, "image_id", ids)
+    return frame
 
 
 def submission(
@@ -117,7 +168,8 @@ def submission(
 
 
 def evaluate_predictions(predictions: Predictions, labels: str, checkpoint: str, out_dir: str) -> dict:
-    """metrics.json (with the training prior's score beside the model's), roc.png and calibration.png."""
+    """metrics.json (with the training prior's score beside the model's, and for a sequence checkpoint its CNN's
+    alone under `cnn`), roc.png and calibration.png."""
     from raysys.report import calibration_plot, roc_plot
 
     table = read_labels(labels)
@@ -131,6 +183,10 @@ def evaluate_predictions(predictions: Predictions, labels: str, checkpoint: str,
     metrics = summarize(y, p, y_train=None if prior is None else np.array([prior]))
     metrics["prior_source"] = "training split" if prior is not None else "these labels"
     metrics["unreadable_files"] = int(len(predictions.errors))
+    if predictions.cnn_frame is not None:  # a sequence checkpoint: its CNN alone on the same images, side by side
+        p_cnn = predictions.cnn_frame.set_index("image_id").loc[frame.index, list(LABELS)].to_numpy(np.float64)
+        metrics["cnn"] = {k: v for k, v in summarize(y, p_cnn).items() if not k.startswith("prior_")}
+        metrics["sequence_vs_cnn"] = metrics["weighted_log_loss"] / metrics["cnn"]["weighted_log_loss"]
     storage.write_text(storage.join(out_dir, "metrics.json"), storage.to_json(metrics))
     roc_plot(storage.join(out_dir, "roc.png"), y, p)
     calibration_plot(storage.join(out_dir, "calibration.png"), y, p)

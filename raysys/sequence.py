@@ -10,14 +10,25 @@ slices only (padding is masked out).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from raysys import storage
+from raysys.config import CONFIG_FILE
 from raysys.engine import WeightedBCE
 from raysys.labels import LABELS
+from raysys.model import META_FILE, STATE_FILE, Checkpoint, load_checkpoint, read_meta
+
+STAGE = "sequence"  # meta.json's `stage` in a sequence checkpoint (a CNN checkpoint has none)
+SEQUENCE_FILE = "sequence.pt"  # the GRU's weights + optimizer + scheduler + epoch
+CNN_DIR = "cnn"  # an exported sequence checkpoint holds its CNN here
 
 
 class SeriesGRU(nn.Module):
@@ -25,6 +36,7 @@ class SeriesGRU(nn.Module):
 
     def __init__(self, features: int, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
+        self.features, self.hidden, self.dropout = features, hidden, dropout
         self.project = nn.Sequential(nn.Linear(features + len(LABELS), hidden), nn.ReLU(), nn.Dropout(dropout))
         self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.correct = nn.Linear(2 * hidden, len(LABELS))
@@ -43,22 +55,22 @@ class SeriesGRU(nn.Module):
 def pad_series(series: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Series of different lengths as one padded batch.
 
-    Each item holds `features` (T, D) float32 and `cnn_logits` (T, 6), optionally `label` (T, 6), in slice
-    order. Returns the same keys padded to the longest T, plus `mask` (B, T) bool, True on real slices.
+    Each item holds `cnn_logits` (T, 6), `features` (T, D) (absent for a logits-only model: D = 0) and
+    optionally `label` (T, 6), in slice order. Returns `features`, `cnn_logits` (and `label`) padded to the
+    longest T, plus `mask` (B, T) bool, True on real slices.
     """
-    longest = max(len(s["features"]) for s in series)
+    lengths = [len(s["cnn_logits"]) for s in series]
+    longest = max(lengths)
     out = {}
     for key in ("features", "cnn_logits", "label"):
         if key not in series[0]:
             continue
-        width = series[0][key].shape[1]
-        batch = np.zeros((len(series), longest, width), np.float32)
+        batch = np.zeros((len(series), longest, series[0][key].shape[1]), np.float32)
         for i, s in enumerate(series):
-            batch[i, : len(s[key])] = s[key]
+            batch[i, : lengths[i]] = s[key]
         out[key] = torch.from_numpy(batch)
-    mask = np.zeros((len(series), longest), bool)
-    for i, s in enumerate(series):
-        mask[i, : len(s["features"])] = True
+    out.setdefault("features", torch.zeros((len(series), longest, 0)))
+    mask = np.arange(longest)[None, :] < np.array(lengths)[:, None]
     out["mask"] = torch.from_numpy(mask)
     return out
 
@@ -95,5 +107,128 @@ def score_series(model: SeriesGRU, series: Sequence[dict[str, np.ndarray]], devi
         chunk = series[start : start + batch_size]
         batch = {k: v.to(device) for k, v in pad_series(chunk).items()}
         probabilities = torch.sigmoid(model(batch["features"], batch["cnn_logits"], batch["mask"])).cpu().numpy()
-        out.extend(p[: len(s["features"])] for p, s in zip(probabilities, chunk))
+        out.extend(p[: len(s["cnn_logits"])] for p, s in zip(probabilities, chunk))
     return out
+
+
+def series_items(ordered: pd.DataFrame, features: np.ndarray, logits: np.ndarray, *, labels: bool) -> list[dict]:
+    """One item per series, slices in order: `series`, `row` (T,), `image_id` (T,), `features` (T, F),
+    `cnn_logits` (T, 6) and, with labels, `label` (T, 6).
+
+    ordered: raysys.data.order_series output whose `row` column indexes `features` and `logits`.
+    """
+    items = []
+    for key, group in ordered.groupby("series", sort=False):
+        rows = group["row"].to_numpy()
+        item = {"series": key, "row": rows, "image_id": group["image_id"].to_numpy(str), "features": features[rows],
+                "cnn_logits": logits[rows].astype(np.float32)}
+        if labels:
+            item["label"] = group[list(LABELS)].to_numpy(np.float32)
+        items.append(item)
+    return items
+
+
+def score_rows(model: SeriesGRU, items: Sequence[dict], rows: int, device: torch.device) -> np.ndarray:
+    """score_series of `items`, put back in row order: (rows, 6) probabilities, row i from the item holding it."""
+    out = np.full((rows, len(LABELS)), np.nan, np.float32)
+    for item, probabilities in zip(items, score_series(model, items, device)):
+        out[item["row"]] = probabilities
+    if np.isnan(out).any():
+        raise ValueError(f"{int(np.isnan(out).any(axis=1).sum())} of {rows} rows are in no series")
+    return out
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+
+
+def cnn_reference(cnn_dir: str) -> dict:
+    """How a sequence checkpoint names its CNN: the directory and its weights' content hash."""
+    return {"dir": cnn_dir, "sha256": file_sha256(storage.join(cnn_dir, STATE_FILE))}
+
+
+def save_sequence(directory: str | Path, model: SeriesGRU, *, cnn_meta: dict, cnn: dict, config: dict, epoch: int,
+                  metrics: dict, optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> Path:
+    """Write sequence.pt, meta.json and config.yaml of a sequence stage into the local `directory`.
+
+    meta.json keeps the CNN's preprocessing (windows, size, contract), so every reader of a checkpoint's
+    meta treats both kinds alike, plus `stage`, the GRU's shape and `cnn` (cnn_reference).
+    """
+    import yaml
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = getattr(model, "module", model)
+    torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch}, directory / SEQUENCE_FILE)
+    keep = ("labels", "windows", "image_size", "contract", "aux_logits", "logit_offset", "label_prior")
+    meta = {**{k: cnn_meta[k] for k in keep if k in cnn_meta}, "stage": STAGE,
+            "sequence": {"features": plain.features, "hidden": plain.hidden, "dropout": plain.dropout},
+            "cnn": {**cnn, "epoch": cnn_meta.get("epoch"),
+                    "val_weighted_log_loss": cnn_meta.get("metrics", {}).get("val_weighted_log_loss")},
+            "epoch": epoch, "metrics": metrics}
+    (directory / META_FILE).write_text(storage.to_json(meta))
+    with open(directory / CONFIG_FILE, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return directory
+
+
+def export_sequence(checkpoint: str, out: str) -> str:
+    """A self-contained copy of a sequence checkpoint: its files, plus its CNN under cnn/ (weights, meta, config;
+    the CNN's optimizer state is left behind), with meta.json pointing there."""
+    import io
+
+    meta = read_meta(checkpoint)
+    cnn_dir = resolve_cnn(checkpoint, meta)
+    storage.copy_tree(checkpoint, out)
+    state = torch.load(storage.open_bytes(storage.join(cnn_dir, STATE_FILE)), map_location="cpu", weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({"model": state["model"], "optimizer": None, "scheduler": None, "epoch": state["epoch"]}, buffer)
+    storage.write_bytes(storage.join(out, CNN_DIR, STATE_FILE), buffer.getvalue())
+    for name in (META_FILE, CONFIG_FILE):
+        if storage.is_file(storage.join(cnn_dir, name)):
+            storage.write_bytes(storage.join(out, CNN_DIR, name), storage.read_bytes(storage.join(cnn_dir, name)))
+    meta["cnn"] = {**meta["cnn"], "dir": CNN_DIR, "source": meta["cnn"]["dir"],
+                   "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    storage.write_text(storage.join(out, META_FILE), storage.to_json(meta))
+    return out
+
+
+def resolve_cnn(checkpoint: str, meta: dict) -> str:
+    """The CNN directory a sequence checkpoint names (relative to the checkpoint or absolute), hash checked."""
+    ref = meta["cnn"]
+    cnn_dir = ref["dir"] if storage.is_uri(ref["dir"]) or Path(ref["dir"]).is_absolute() else \
+        storage.join(checkpoint, ref["dir"])
+    if not storage.is_file(storage.join(cnn_dir, STATE_FILE)):
+        raise FileNotFoundError(f"{checkpoint}: its CNN checkpoint {cnn_dir} is missing")
+    found = file_sha256(storage.join(cnn_dir, STATE_FILE))
+    if found != ref["sha256"]:
+        raise ValueError(f"{checkpoint}: the CNN weights at {cnn_dir} changed since the sequence stage was trained "
+                         f"(sha256 {found[:12]}, expected {ref['sha256'][:12]})")
+    return cnn_dir
+
+
+@dataclass
+class SequenceCheckpoint:
+    """A loaded sequence checkpoint: its CNN (eval mode), the GRU (eval mode), and meta.json."""
+
+    cnn: Checkpoint
+    model: SeriesGRU
+    meta: dict
+
+
+def is_sequence(meta: dict) -> bool:
+    return meta.get("stage") == STAGE
+
+
+def load_sequence(directory: str | Path, device: str | torch.device = "cpu") -> SequenceCheckpoint:
+    local = storage.local_dir(directory)
+    meta = read_meta(local)
+    if not is_sequence(meta):
+        raise ValueError(f"{directory}: a CNN checkpoint, not a sequence stage (no stage: {STAGE} in {META_FILE})")
+    shape = meta["sequence"]
+    model = SeriesGRU(shape["features"], shape["hidden"], shape["dropout"])
+    state = torch.load(local / SEQUENCE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return SequenceCheckpoint(cnn=load_checkpoint(resolve_cnn(str(local), meta), device),
+                              model=model.to(device).eval(), meta=meta)

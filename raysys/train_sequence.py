@@ -1,0 +1,215 @@
+"""The sequence stage on Ray: a CNN's per-slice outputs by Ray Data batch inference, then the BiGRU with Ray Train.
+
+`fit_sequence(cfg)` scans and splits the data exactly as CNN training does (same patients on the same side
+for the same data, seed and val_fraction), runs the CNN checkpoint `cfg.sequence.cnn` over every labelled
+image in an actor pool (GPU when the run has one), groups the outputs into series ordered by position, and
+trains raysys.sequence.SeriesGRU on the training series, one checkpoint per epoch ranked by the validation
+series' weighted log loss. The best is exported with its CNN as one self-contained directory, `<run>/best`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from raysys import data as rdata
+from raysys import storage
+from raysys.config import Config, InferenceConfig, InputError, from_dict, save_config
+from raysys.engine import validation_metrics
+from raysys.labels import LABELS
+from raysys.model import read_meta
+from raysys.predict import Embedder, run_model
+from raysys.sequence import (
+    SEQUENCE_FILE,
+    SeriesGRU,
+    cnn_reference,
+    export_sequence,
+    is_sequence,
+    pad_series,
+    save_sequence,
+    score_series,
+    series_items,
+    train_sequence_epoch,
+)
+from raysys.train import SCORE, FitResult, _broadcast, _flatten, _mean_across_workers, finish, load_split, run_dir_for
+
+log = logging.getLogger(__name__)
+
+BEST_DIR = "best"  # the exported, self-contained sequence checkpoint inside the run directory
+SPLIT_KEYS = ("val_fraction", "folds", "fold", "seed")  # what decides which patients validate
+
+
+def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
+    """Embed, then train the sequence stage (a relaunch with the same name resumes); best exported to <run>/best."""
+    s = cfg.sequence
+    if not s.cnn:
+        raise InputError("the sequence stage needs the trained CNN: --checkpoint CNN_DIR (a train run's or sweep's "
+                         "best checkpoint)")
+    cnn_meta = read_meta(s.cnn)
+    if is_sequence(cnn_meta):
+        raise InputError(f"{s.cnn} is a sequence stage already; give the CNN checkpoint it was trained on")
+    _warn_if_split_differs(cfg, s.cnn)
+    run_dir = run_dir_for(cfg)
+    save_config(cfg, run_dir)
+    split = load_split(cfg, run_dir)
+    split.save(run_dir)
+    train_items, val_items = embed_split(cfg, split, cnn_meta)
+    features = train_items[0]["features"].shape[1] if s.features else 0
+    trainer = TorchTrainer(
+        sequence_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "features": features, "cnn": cnn_reference(s.cnn),
+                           "cnn_meta": cnn_meta},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                  **({"GPU": cfg.train.gpus_per_worker} if cfg.train.gpus_per_worker > 0 else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name, storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute=SCORE,
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks, logging_config=ray.LoggingConfig(log_level="WARNING")),
+        datasets={"train": _series_dataset(train_items, s.features), "val": _series_dataset(val_items, s.features)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = finish(run_dir, trainer.fit())
+    best = export_sequence(result.best_checkpoint, storage.join(run_dir, BEST_DIR))
+    log.info("sequence stage: best checkpoint %s (epoch %d, %s %.4f)", best, result.best_metrics["epoch"], SCORE,
+             result.best_metrics[SCORE])
+    return FitResult(run_dir=run_dir, best_checkpoint=best, best_metrics=result.best_metrics, history=result.history)
+
+
+def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[dict]]:
+    """The CNN's features and logits for every image of the split, as series items (training, validation).
+
+    Images are read with the CNN's own windows and size (its meta.json), whatever the data section says."""
+    t = cfg.train
+    index = pd.concat([split.train, split.val], ignore_index=True)
+    ds = rdata.image_dataset(index, split.source, windows=cnn_meta["windows"], size=cnn_meta["image_size"],
+                             with_labels=False, decode_cpus=cfg.data.decode_cpus)
+    pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
+    start = time.perf_counter()
+    out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features}, pool,
+                    len(index), "sequence: CNN embeddings")
+    row = pd.Series(np.arange(len(out["image_id"])), index=[str(i) for i in out["image_id"]])
+    logits = out["logits"]
+    items = []
+    for side in (split.train, split.val):
+        ordered = rdata.order_series(side.assign(row=row.loc[side["image_id"].astype(str)].to_numpy()))
+        items.append(series_items(ordered, out["features"], logits, labels=True))
+    val_rows = row.loc[split.val["image_id"].astype(str)].to_numpy()
+    cnn_val = validation_metrics(split.val[list(LABELS)].to_numpy(np.float64),
+                                 1 / (1 + np.exp(-logits[val_rows].astype(np.float64))))
+    log.info("sequence: %d images embedded in %.0fs; %d training / %d validation series; the CNN alone scores "
+             "%s %.4f on the validation series", len(index), time.perf_counter() - start, len(items[0]),
+             len(items[1]), SCORE, cnn_val[SCORE])
+    return items[0], items[1]
+
+
+def _series_dataset(items: list[dict], features: bool) -> ray.data.Dataset:
+    """One row per series: features (T, F) float16, cnn_logits (T, 6), label (T, 6), series length T."""
+    keys = ("features", "cnn_logits", "label") if features else ("cnn_logits", "label")
+    return ray.data.from_items([{**{k: item[k] for k in keys}, "slices": len(item["label"])} for item in items])
+
+
+def _warn_if_split_differs(cfg: Config, cnn: str) -> None:
+    """The stage validates on the CNN's validation patients only when both runs split alike."""
+    cnn_data = (read_meta_config(cnn) or {}).get("data", {})
+    differs = [k for k in SPLIT_KEYS if k in cnn_data and cnn_data[k] != getattr(cfg.data, k)]
+    if differs:
+        log.warning("the CNN was trained with a different split (%s): some validation series of the sequence stage "
+                    "hold slices the CNN trained on, so its validation score is optimistic",
+                    ", ".join(f"{k} {cnn_data[k]} vs {getattr(cfg.data, k)}" for k in differs))
+
+
+def read_meta_config(checkpoint: str) -> dict | None:
+    import yaml
+
+    from raysys.config import CONFIG_FILE
+
+    path = storage.join(checkpoint, CONFIG_FILE)
+    return yaml.safe_load(storage.read_text(path)) if storage.is_file(path) else None
+
+
+# --- the worker loop (glue only: the work is in sequence.py) ---------------------------------
+
+
+def sequence_loop(config: dict) -> None:
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = from_dict(config["cfg"])
+    s, name = cfg.sequence, cfg.train.name
+    rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
+    torch.manual_seed(cfg.data.seed)
+    model = ray.train.torch.prepare_model(SeriesGRU(config["features"], s.hidden, s.dropout))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=s.decay)
+    start, history = _resume(model, optimizer, scheduler)
+    val = _rows(ray.train.get_dataset_shard("val")) if rank == 0 else None
+    tag, epoch_seconds = f"[sequence {name}]", []
+    for epoch in range(start, s.epochs + 1):
+        began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        seed = cfg.data.seed * 100_003 + epoch  # a new, reproducible series order each epoch
+        batches = (pad_series(rows) for rows in _batches(ray.train.get_dataset_shard("train"), s.batch_size, seed))
+        stats = train_sequence_epoch(model, batches, optimizer, device)
+        scheduler.step()
+        stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
+        scores = None
+        if rank == 0:
+            plain = getattr(model, "module", model)
+            p = np.concatenate(score_series(plain, val, device))
+            scores = validation_metrics(np.concatenate([r["label"] for r in val]).astype(np.float64), p)
+        scores = _broadcast(scores)
+        epoch_seconds.append(time.perf_counter() - began)
+        metrics = {"epoch": epoch, "lr": lr, **stats, **_flatten(scores), "epoch_seconds": epoch_seconds[-1]}
+        history.append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_sequence(tmp, model, cnn_meta=config["cnn_meta"], cnn=config["cnn"], config=cfg.to_dict(),
+                              epoch=epoch, metrics={**metrics, "history": history}, optimizer=optimizer,
+                              scheduler=scheduler)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            eta = (s.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+            print(f"{tag} epoch {epoch}/{s.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
+                  f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_slices']} slices  epoch {epoch_seconds[-1]:.1f}s  "
+                  f"ETA {eta:.0f}s", flush=True)
+        else:
+            ray.train.report(metrics)
+
+
+def _batches(shard, batch_size: int, seed: int):
+    """Lists of series (dicts of arrays) from a dataset shard, shuffled with `seed`."""
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
+        yield _split_rows(batch)
+
+
+def _rows(shard) -> list[dict]:
+    return [row for batch in shard.iter_batches(batch_size=256, batch_format="numpy") for row in _split_rows(batch)]
+
+
+def _split_rows(batch: dict) -> list[dict]:
+    keys = [k for k in ("features", "cnn_logits", "label") if k in batch]
+    return [{k: np.asarray(batch[k][i], np.float32) for k in keys} for i in range(len(batch["slices"]))]
+
+
+def _resume(model, optimizer, scheduler) -> tuple[int, list]:
+    """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, [])."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/{SEQUENCE_FILE}", map_location="cpu", weights_only=True)
+        meta = read_meta(d)
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, meta["metrics"].get("history", [])
