@@ -18,7 +18,7 @@ from raysys.engine import embed, infer
 from raysys.labels import LABELS, read_labels, sample_image_ids, write_submission
 from raysys.metrics import summarize
 from raysys.model import load_checkpoint, read_meta
-from raysys.sequence import is_sequence, load_sequence, score_rows, series_items
+from raysys.sequence import is_sequence, load_sequence, score_rows, series_items, sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def predict_folder(
         out = run_model(ds, Embedder, {"checkpoint": checkpoint, "features": meta["sequence"]["features"] > 0},
                         cfg, total, "predict (CNN)", progress)
         ids = [str(i) for i in out["image_id"]]
-        cnn_frame = _frame(ids, 1 / (1 + np.exp(-out["logits"].astype(np.float64))))
+        cnn_frame = _frame(ids, sigmoid(out["logits"]))
         probabilities = sequence_probabilities(checkpoint, found.index, ids, out["features"], out["logits"])
     else:
         out = run_model(ds, Predictor, {"checkpoint": checkpoint, "tta": cfg.tta}, cfg, total, "predict", progress)

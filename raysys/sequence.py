@@ -32,7 +32,14 @@ CNN_DIR = "cnn"  # an exported sequence checkpoint holds its CNN here
 
 
 class SeriesGRU(nn.Module):
-    """(B, T, D) slice features + (B, T, 6) CNN logits + (B, T) mask -> (B, T, 6) logits."""
+    """(B, T, D) slice features + (B, T, 6) CNN logits + (B, T) mask -> (B, T, 6) logits.
+
+    logits = scale * cnn_logits + shift + correction(context): a per-label recalibration of the CNN (it saw
+    balanced epochs and may be over- or under-confident on real prevalence) plus what the series adds. Both
+    start as the identity, so an untrained stage is the CNN itself.
+    """
+
+    LOGIT_CLIP = 20.0  # the GRU reads CNN logits clipped here: a wildly confident CNN must not saturate it
 
     def __init__(self, features: int, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
@@ -42,14 +49,17 @@ class SeriesGRU(nn.Module):
         self.correct = nn.Linear(2 * hidden, len(LABELS))
         nn.init.zeros_(self.correct.weight)  # starts as the CNN: the correction is learned, not assumed
         nn.init.zeros_(self.correct.bias)
+        self.scale = nn.Parameter(torch.ones(len(LABELS)))
+        self.shift = nn.Parameter(torch.zeros(len(LABELS)))
 
     def forward(self, features: torch.Tensor, cnn_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.project(torch.cat([features, cnn_logits], dim=-1))
+        clipped = cnn_logits.clamp(-self.LOGIT_CLIP, self.LOGIT_CLIP)
+        x = self.project(torch.cat([features, clipped], dim=-1))
         lengths = mask.sum(dim=1).clamp(min=1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return cnn_logits + self.correct(out)
+        return self.scale * cnn_logits + self.shift + self.correct(out)
 
 
 def pad_series(series: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -109,6 +119,11 @@ def score_series(model: SeriesGRU, series: Sequence[dict[str, np.ndarray]], devi
         probabilities = torch.sigmoid(model(batch["features"], batch["cnn_logits"], batch["mask"])).cpu().numpy()
         out.extend(p[: len(s["cnn_logits"])] for p, s in zip(probabilities, chunk))
     return out
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities of logits, float64, without overflow warnings for very confident ones."""
+    return 1 / (1 + np.exp(-np.clip(np.asarray(logits, np.float64), -50, 50)))
 
 
 def series_items(ordered: pd.DataFrame, features: np.ndarray, logits: np.ndarray, *, labels: bool) -> list[dict]:

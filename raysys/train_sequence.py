@@ -37,6 +37,7 @@ from raysys.sequence import (
     save_sequence,
     score_series,
     series_items,
+    sigmoid,
     train_sequence_epoch,
 )
 from raysys.train import SCORE, FitResult, _broadcast, _flatten, _mean_across_workers, finish, load_split, run_dir_for
@@ -78,7 +79,8 @@ def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level="WARNING")),
-        datasets={"train": _series_dataset(train_items, s.features), "val": _series_dataset(val_items, s.features)},
+        datasets={"train": _series_dataset(train_items, s.features, cfg.train.workers),
+                  "val": _series_dataset(val_items, s.features, 1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = finish(run_dir, trainer.fit())
@@ -107,18 +109,20 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
         ordered = rdata.order_series(side.assign(row=row.loc[side["image_id"].astype(str)].to_numpy()))
         items.append(series_items(ordered, out["features"], logits, labels=True))
     val_rows = row.loc[split.val["image_id"].astype(str)].to_numpy()
-    cnn_val = validation_metrics(split.val[list(LABELS)].to_numpy(np.float64),
-                                 1 / (1 + np.exp(-logits[val_rows].astype(np.float64))))
+    cnn_val = validation_metrics(split.val[list(LABELS)].to_numpy(np.float64), sigmoid(logits[val_rows]))
     log.info("sequence: %d images embedded in %.0fs; %d training / %d validation series; the CNN alone scores "
              "%s %.4f on the validation series", len(index), time.perf_counter() - start, len(items[0]),
              len(items[1]), SCORE, cnn_val[SCORE])
     return items[0], items[1]
 
 
-def _series_dataset(items: list[dict], features: bool) -> ray.data.Dataset:
-    """One row per series: features (T, F) float16, cnn_logits (T, 6), label (T, 6), series length T."""
+def _series_dataset(items: list[dict], features: bool, workers: int) -> ray.data.Dataset:
+    """One row per series: features (T, F) float16, cnn_logits (T, 6), label (T, 6), series length T.
+
+    A few blocks per worker: enough to split evenly, not Ray's default 200 blocks of a handful of series."""
     keys = ("features", "cnn_logits", "label") if features else ("cnn_logits", "label")
-    return ray.data.from_items([{**{k: item[k] for k in keys}, "slices": len(item["label"])} for item in items])
+    rows = [{**{k: item[k] for k in keys}, "slices": len(item["label"])} for item in items]
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
 
 
 def _warn_if_split_differs(cfg: Config, cnn: str) -> None:
