@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,17 @@ from raysys.sequence import (
     sigmoid,
     train_sequence_epoch,
 )
-from raysys.train import SCORE, FitResult, _broadcast, _flatten, _mean_across_workers, finish, load_split, run_dir_for
+from raysys.train import (
+    SCORE,
+    FitResult,
+    Split,
+    _broadcast,
+    _flatten,
+    _mean_across_workers,
+    finish,
+    load_split,
+    run_dir_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +59,19 @@ BEST_DIR = "best"  # the exported, self-contained sequence checkpoint inside the
 SPLIT_KEYS = ("val_fraction", "folds", "fold", "seed")  # what decides which patients validate
 
 
-def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
-    """Embed, then train the sequence stage (a relaunch with the same name resumes); best exported to <run>/best."""
+@dataclass(frozen=True)
+class SeriesData:
+    """The sequence stage's input, computed once (a sweep's trials share it): the split and its series."""
+
+    split: Split
+    train: list[dict]  # series items (raysys.sequence.series_items) of the training side
+    val: list[dict]
+    cnn: dict  # cnn_reference of the CNN checkpoint
+    cnn_meta: dict
+
+
+def prepare_series(cfg: Config, run_dir: str | None = None) -> SeriesData:
+    """Check the CNN checkpoint, scan and split the data like CNN training, embed every image with the CNN."""
     s = cfg.sequence
     if not s.cnn:
         raise InputError("the sequence stage needs the trained CNN: --checkpoint CNN_DIR (a train run's or sweep's "
@@ -58,32 +80,43 @@ def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
     if is_sequence(cnn_meta):
         raise InputError(f"{s.cnn} is a sequence stage already; give the CNN checkpoint it was trained on")
     _warn_if_split_differs(cfg, s.cnn)
+    split = load_split(cfg, run_dir)
+    train_items, val_items = embed_split(cfg, split, cnn_meta)
+    return SeriesData(split, train_items, val_items, cnn_reference(s.cnn), cnn_meta)
+
+
+def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
+    """Embed, then train the sequence stage (a relaunch with the same name resumes); best exported to <run>/best."""
+    return fit_series(cfg, prepare_series(cfg, run_dir_for(cfg)), callbacks)
+
+
+def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, export: bool = True) -> FitResult:
+    """Train the GRU on prepared series with Ray Train; with `export`, the best as a self-contained <run>/best."""
+    s, t = cfg.sequence, cfg.train
     run_dir = run_dir_for(cfg)
     save_config(cfg, run_dir)
-    split = load_split(cfg, run_dir)
-    split.save(run_dir)
-    train_items, val_items = embed_split(cfg, split, cnn_meta)
-    features = train_items[0]["features"].shape[1] if s.features else 0
+    data.split.save(run_dir)
+    features = data.train[0]["features"].shape[1] if s.features else 0
     trainer = TorchTrainer(
         sequence_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "features": features, "cnn": cnn_reference(s.cnn),
-                           "cnn_meta": cnn_meta},
+        train_loop_config={"cfg": cfg.to_dict(), "features": features, "cnn": data.cnn, "cnn_meta": data.cnn_meta},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                  **({"GPU": cfg.train.gpus_per_worker} if cfg.train.gpus_per_worker > 0 else {})}),
+            num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}),
         run_config=ray.train.RunConfig(
-            name=cfg.train.name, storage_path=cfg.train.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+            name=t.name, storage_path=t.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level="WARNING")),
-        datasets={"train": _series_dataset(train_items, s.features, cfg.train.workers),
-                  "val": _series_dataset(val_items, s.features, 1)},
+        datasets={"train": _series_dataset(data.train, s.features, t.workers),
+                  "val": _series_dataset(data.val, s.features, 1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = finish(run_dir, trainer.fit())
+    if not export:
+        return result
     best = export_sequence(result.best_checkpoint, storage.join(run_dir, BEST_DIR))
     log.info("sequence stage: best checkpoint %s (epoch %d, %s %.4f)", best, result.best_metrics["epoch"], SCORE,
              result.best_metrics[SCORE])
@@ -175,18 +208,22 @@ def sequence_loop(config: dict) -> None:
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, **stats, **_flatten(scores), "epoch_seconds": epoch_seconds[-1]}
         history.append(metrics)
-        if rank == 0:
+        # A checkpoint when the validation score improves, and at the end (what a resumed run starts from):
+        # persisting one costs ~2 s on 2 cores, ten times an epoch of the GRU.
+        improved = metrics[SCORE] < min((h[SCORE] for h in history[:-1]), default=float("inf"))
+        if rank == 0 and (improved or epoch == s.epochs):
             with tempfile.TemporaryDirectory() as tmp:
                 save_sequence(tmp, model, cnn_meta=config["cnn_meta"], cnn=config["cnn"], config=cfg.to_dict(),
                               epoch=epoch, metrics={**metrics, "history": history}, optimizer=optimizer,
                               scheduler=scheduler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
             eta = (s.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
             print(f"{tag} epoch {epoch}/{s.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
                   f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_slices']} slices  epoch {epoch_seconds[-1]:.1f}s  "
                   f"ETA {eta:.0f}s", flush=True)
-        else:
-            ray.train.report(metrics)
 
 
 def _batches(shard, batch_size: int, seed: int):
