@@ -1,13 +1,33 @@
 """Ray Serve: an HTTP endpoint that scores CT slices with a checkpoint; build_app(checkpoint).
 
 POST /v1/predict  DICOM as the raw body (Content-Type: application/dicom) or multipart file(s)
-GET  /v1/model    labels, windows, image size and validation metrics of the checkpoint
+GET  /v1/model    stage ("cnn" or "sequence"), labels, windows, image size and validation metrics of the checkpoint
 GET  /healthz     200 once the model is loaded
 
 Preprocessing is the checkpoint's own (windows, size, label order from meta.json,
 through the same presets as training). Responses and logs carry the image id
 (SOPInstanceUID) and a multipart part's position only, never PatientName, PatientID,
-dates or the client's file names (which often hold them).
+dates, SeriesInstanceUID or the client's file names (which often hold them).
+
+A CNN checkpoint scores each slice alone: a raw body gets {image_id, probabilities, model,
+latency_ms}, a multipart body {"results": [the same per part, in part order]}.
+
+A sequence checkpoint (raysys.sequence) scores slices in their series' context. A multipart body
+may hold whole series, several series, or single slices, parts in any order: each part's CNN
+forward pass is batched across requests as for a CNN checkpoint, then the request's slices are
+grouped by SeriesInstanceUID (a slice without one is a series of its own), ordered by position
+along the series' axis (raysys.data.order_series, as in training and batch predict), and the
+series GRU reads them. The answer is
+
+    {"results": [{image_id, series, slice, probabilities, cnn_probabilities}, ...],
+     "series": [{series, slices, max}, ...], "model": {..., "stage": "sequence"}, "latency_ms"}
+
+results in slice order, series after series; `series` indexes the series list (numbered by the
+request part each series first appears in), `slice` is the 0-based place in its series, `max` the
+per-label maximum of `probabilities` over the series' slices, and cnn_probabilities the CNN's own
+scores of the slice. A raw body is a series of one and gets today's single answer plus
+cnn_probabilities. Only the slices of one request form a series: a series sent over several
+requests is scored as several series. A SOPInstanceUID may appear once per request (400 otherwise).
 
 Hostile input costs the sender, not the other clients: decoding runs in a thread pool
 sized to the replica's CPUs, never on the event loop that answers /healthz, and bodies over
@@ -29,6 +49,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -87,6 +108,20 @@ async def _multipart_files(request: Request, body: bytes, max_files: int) -> lis
     return files
 
 
+def _check_unique(ids: list[str], labels: list[str]) -> None:
+    """400 naming the first part whose SOPInstanceUID an earlier part of the request has (a slice would count twice
+    in its series). Slices without one cannot be compared and pass."""
+    seen: dict[str, str] = {}
+    for image_id, label in zip(ids, labels):
+        if image_id and image_id in seen:
+            raise RequestError(400, f"{label}: image {image_id} is also {seen[image_id]}; send each slice once per request")
+        seen.setdefault(image_id, label)
+
+
+def _named(labels: list[str], values: np.ndarray) -> dict[str, float]:
+    return dict(zip(labels, map(float, values)))
+
+
 def _read_token(token_file: str | None) -> str | None:
     """The bearer token on this node: token_file's content, else RAYSYS_API_TOKEN, else None."""
     if token_file is None:
@@ -110,7 +145,8 @@ class HemorrhageService:
                  token_file: str | None = None, require_token: bool = False):
         import torch
 
-        from raysys.model import load_checkpoint
+        from raysys.model import load_checkpoint, read_meta
+        from raysys.sequence import is_sequence, load_sequence
 
         self.token = _read_token(token_file)
         if require_token and self.token is None:
@@ -118,11 +154,21 @@ class HemorrhageService:
             raise RuntimeError(f"a bearer token is required but {TOKEN_ENV} is not set on this node; "
                                "set it in the node's environment before `ray start`, or use serve token_file")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_checkpoint(checkpoint, self.device)
-        self.model, self.meta = loaded.model, loaded.meta
+        self.gru = None  # the series GRU of a sequence checkpoint; None for a CNN checkpoint
+        if is_sequence(read_meta(checkpoint)):
+            import raysys.data  # noqa: F401  (order_series; imported here rather than on the first request)
+
+            stage = load_sequence(checkpoint, self.device)
+            self.model, self.gru, self.meta = stage.cnn.model, stage.model, stage.meta
+        else:
+            loaded = load_checkpoint(checkpoint, self.device)
+            self.model, self.meta = loaded.model, loaded.meta
+        self.stage = "cnn" if self.gru is None else "sequence"
         self.windows, self.size = self.meta["windows"], self.meta["image_size"]
         self.checkpoint_info = {"checkpoint": checkpoint.rstrip("/").rsplit("/", 1)[-1], "epoch": self.meta["epoch"],
                                 "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
+        if self.gru is not None:  # a CNN checkpoint's answers stay exactly as they were
+            self.checkpoint_info["stage"] = self.stage
         from raysys.dicom import DEFAULT_LIMITS, DecodeLimits
 
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
@@ -140,8 +186,9 @@ class HemorrhageService:
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    async def score(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Probabilities for a request's preprocessed images, batched with other requests.
+    async def score(self, images: list[np.ndarray]) -> list:
+        """The forward pass's output (see `infer`) for each of a request's preprocessed images, batched with
+        other requests.
 
         Serve forms the next batch as soon as the previous one is formed, not when the model is free,
         so under load it would queue many small batches behind a busy model. Requests therefore take
@@ -163,14 +210,25 @@ class HemorrhageService:
                 self._turn.set()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Micro-batched forward pass. It runs in a worker thread (torch releases the GIL), so the event
-        loop goes on receiving and decoding requests meanwhile; Serve runs one batch at a time."""
-        from raysys.engine import infer
-
+    async def infer(self, images: list[np.ndarray]) -> list:
+        """Micro-batched forward pass (`_forward`). It runs in a worker thread (torch releases the GIL), so the
+        event loop goes on receiving and decoding requests meanwhile; Serve runs one batch at a time."""
         self.batching["batches"] += 1
         self.batching["images"] += len(images)
-        return list(await asyncio.to_thread(infer, self.model, np.stack(images), self.device))
+        return await asyncio.to_thread(self._forward, np.stack(images))
+
+    def _forward(self, images: np.ndarray) -> list:
+        """(B, C, S, S) uint8 -> per image: probabilities (6,) for a CNN checkpoint; for a sequence checkpoint
+        (features (F,), logits (6,)), the GRU's input (F = 0 when it reads logits only)."""
+        from raysys.engine import embed, infer
+
+        if self.gru is None:
+            return list(infer(self.model, images, self.device))
+        features, logits = embed(self.model, images, self.device)
+        # Rounded through float16 as training and batch predict store them (raysys.predict.Embedder): the GRU
+        # reads here what it was trained and validated on.
+        features = features[:, : self.gru.features].astype(np.float16).astype(np.float32)
+        return list(zip(features, logits))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -181,10 +239,13 @@ class HemorrhageService:
         if (denied := self._authorize(request)) is not None:
             return denied
         metrics = {k: v for k, v in self.meta["metrics"].items() if k != "history"}
-        return JSONResponse(json.loads(storage.to_json(
-            {"labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
-             "contract": self.meta["contract"], "model": self.checkpoint_info, "batching": self.batching,
-             "metrics": metrics})))
+        info = {"stage": self.stage, "labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
+                "contract": self.meta["contract"], "model": self.checkpoint_info, "batching": self.batching,
+                "metrics": metrics}
+        if self.gru is not None:  # the GRU's shape and its CNN's own score; not the CNN's path (a training machine's)
+            info["sequence"] = {"features": self.gru.features, "hidden": self.gru.hidden}
+            info["cnn"] = {k: self.meta["cnn"].get(k) for k in ("epoch", "val_weighted_log_loss")}
+        return JSONResponse(json.loads(storage.to_json(info)))
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
@@ -202,15 +263,59 @@ class HemorrhageService:
             first_error = next((d for d in decoded if isinstance(d, BaseException)), None)
             if first_error is not None:
                 raise first_error
+            if self.gru is not None:
+                _check_unique([d[1] for d in decoded], labels)
         except RequestError as e:
             log.info("predict rejected: %s %s", e.status, e.message)
             return JSONResponse({"error": e.message}, status_code=e.status)
         images, ids = [d[0] for d in decoded], [d[1] for d in decoded]
-        probabilities = await self.score(images)
+        outputs = await self.score(images)
+        if self.gru is not None:
+            return await self._answer_series(request, decoded, outputs, start)
         latency = (time.perf_counter() - start) * 1000
         results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
-                    "model": self.checkpoint_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, probabilities)]
+                    "model": self.checkpoint_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, outputs)]
         return results[0] if len(results) == 1 and not _is_multipart(request) else {"results": results}
+
+    async def _answer_series(self, request: Request, decoded: list[tuple], outputs: list[tuple], start: float) -> dict:
+        """A sequence checkpoint's answer (see the module docstring); the GRU runs off the event loop."""
+        results, series = await asyncio.to_thread(self._score_series, decoded, outputs)
+        latency = round((time.perf_counter() - start) * 1000, 2)
+        if not _is_multipart(request):  # a raw body: one slice, the CNN checkpoint's single answer plus its CNN's
+            one = results[0]
+            return {"image_id": one["image_id"], "probabilities": one["probabilities"],
+                    "cnn_probabilities": one["cnn_probabilities"], "model": self.checkpoint_info, "latency_ms": latency}
+        return {"results": results, "series": series, "model": self.checkpoint_info, "latency_ms": latency}
+
+    def _score_series(self, decoded: list[tuple], outputs: list[tuple]) -> tuple[list[dict], list[dict]]:
+        """(results in slice order, series after series; one summary per series) of a request's slices.
+
+        decoded: (image, image_id, series_id, position) per part; outputs: `_forward`'s (features, logits) per part.
+        """
+        from raysys.data import order_series
+        from raysys.sequence import score_series, series_items, sigmoid
+
+        frame = pd.DataFrame({
+            "image_id": [d[1] for d in decoded],
+            # A slice without a SeriesInstanceUID is a series of its own (even when it has no SOPInstanceUID either).
+            "series_id": [d[2] or f"part {row + 1}" for row, d in enumerate(decoded)],
+            "position": [d[3] for d in decoded],
+            "row": np.arange(len(decoded)),
+        })
+        ordered = order_series(frame)
+        # Series numbered by the part each first appears in: order_series sorts them by UID, which stays private.
+        first_part = ordered.groupby("series", sort=False)["row"].transform("min")
+        ordered = ordered.assign(first_part=first_part).sort_values(["first_part", "slice"], kind="stable")
+        features, logits = np.stack([o[0] for o in outputs]), np.stack([o[1] for o in outputs])
+        items = series_items(ordered, features, logits, labels=False)
+        labels, results, series = self.meta["labels"], [], []
+        for number, (item, probabilities) in enumerate(zip(items, score_series(self.gru, items, self.device))):
+            cnn = sigmoid(item["cnn_logits"])
+            results += [{"image_id": str(image_id), "series": number, "slice": k, "probabilities": _named(labels, p),
+                         "cnn_probabilities": _named(labels, c)}
+                        for k, (image_id, p, c) in enumerate(zip(item["image_id"], probabilities, cnn))]
+            series.append({"series": number, "slices": len(probabilities), "max": _named(labels, probabilities.max(axis=0))})
+        return results, series
 
     def _authorize(self, request: Request):
         if self.token is None:
@@ -259,8 +364,9 @@ class HemorrhageService:
             raise RequestError(413, over)
         return b"".join(chunks)
 
-    def _preprocess(self, body: bytes, label: str) -> tuple[np.ndarray, str]:
-        """(image, image id) of one DICOM body; runs in the decode pool. `label` names it in errors."""
+    def _preprocess(self, body: bytes, label: str) -> tuple[np.ndarray, str, str, float]:
+        """(image, image id, series id, position along the series' axis) of one DICOM body; runs in the decode
+        pool. `label` names it in errors. The series id orders slices; it is never answered or logged."""
         from raysys.dicom import DicomDecodeError, UnsupportedImageError
         from raysys.presets import dicom_to_image
 
@@ -272,7 +378,7 @@ class HemorrhageService:
             raise RequestError(400, str(e)) from None
         if meta.modality not in ("CT", ""):
             raise RequestError(422, f"{label} ({meta.image_id}): not a CT image (Modality {meta.modality})")
-        return image, meta.image_id
+        return image, meta.image_id, meta.series_id, meta.position
 
 
 def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
