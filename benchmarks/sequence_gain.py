@@ -17,7 +17,9 @@ In one run, on one machine, phantom data written here (96 px input, CNN from scr
 Prints one JSON line to stdout, progress to stderr.
 
     .venv/bin/python benchmarks/sequence_gain.py [--studies 80] [--held-out 60] [--epochs 6] [--draws 3]
-        [--num-cpus N] [--out result.json]
+        [--neighbors 0] [--num-cpus N] [--out result.json]
+
+Run it with --neighbors 0 and 1 to see what 2.5D input adds to the CNN, and the sequence stage on top.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def gru_held_out(train_items, val_items, held_items, s, seed: int) -> float:
     return best[1]
 
 
-def held_out_items(checkpoint: str, data: Path, labels: Path, windows, size: int) -> list[dict]:
+def held_out_items(checkpoint: str, data: Path, labels: Path, windows, size: int, neighbors: int) -> list[dict]:
     """Series items (features, logits, labels) of the held-out studies under the CNN, in slice order."""
     import pandas as pd
 
@@ -73,7 +75,7 @@ def held_out_items(checkpoint: str, data: Path, labels: Path, windows, size: int
     from raysys.sequence import series_items
 
     found = rdata.scan(str(data), str(labels), training=True)
-    ds = rdata.image_dataset(found.index, found, windows=windows, size=size, with_labels=False)
+    ds = rdata.image_dataset(found.index, found, windows=windows, size=size, with_labels=False, neighbors=neighbors)
     out = run_model(ds, Embedder, {"checkpoint": checkpoint}, InferenceConfig(), len(found.index), "held-out embeddings")
     row = pd.Series(np.arange(len(out["image_id"])), index=[str(i) for i in out["image_id"]])
     index = found.index.assign(row=row.loc[found.index["image_id"].astype(str)].to_numpy())
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="CNN epochs")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--draws", type=int, default=3, help="draws of the in-fold vs out-of-fold comparison")
+    parser.add_argument("--neighbors", type=int, default=0, help="2.5D CNN: slices on each side as extra channels")
     add_ray_flags(parser)
     args = parser.parse_args()
 
@@ -105,7 +108,8 @@ def main() -> None:
     write_dataset(tmp / "held-out", PhantomConfig(studies=args.held_out, size=256, seed=2, prevalence=prevalence))
     cfg = Config().replace(**{
         "data.data": str(tmp / "train" / "dicoms"), "data.labels": str(tmp / "train" / "labels.csv"),
-        "data.image_size": args.image_size, "data.val_fraction": 0.2, "model.weights": "none",
+        "data.image_size": args.image_size, "data.val_fraction": 0.2, "data.neighbors": args.neighbors,
+        "model.weights": "none",
         "train.epochs": args.epochs, "train.batch_size": 16, "train.workers": 1, "train.cpus_per_worker": 1.0,
         "train.lr": 2e-3, "train.decay": 0.9, "train.storage_path": str(tmp / "runs"), "train.name": "cnn",
     })
@@ -126,7 +130,7 @@ def main() -> None:
     split = load_split(seq_cfg)
     train_items, val_items = embed_split(seq_cfg, split, meta)
     held = held_out_items(cnn.best_checkpoint, tmp / "held-out" / "dicoms", tmp / "held-out" / "labels.csv",
-                          meta["windows"], meta["image_size"])
+                          meta["windows"], meta["image_size"], meta["neighbors"])
     k, rng = len(val_items), np.random.default_rng(0)
     in_fold, out_of_fold = [], []
     for draw in range(args.draws):
@@ -142,6 +146,7 @@ def main() -> None:
         "ray_cpus": cpus,
         "setup": {"studies": args.studies, "training_slices": len(train), "held_out_studies": args.held_out,
                   "held_out_slices": metrics["n_images"], "image_size": args.image_size, "cnn_epochs": args.epochs,
+                  "neighbors": args.neighbors,
                   "sequence": {k: v for k, v in seq_cfg.to_dict()["sequence"].items() if k != "cnn"}},
         "held_out": {
             "cnn_weighted_log_loss": metrics["cnn"]["weighted_log_loss"],

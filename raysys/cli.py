@@ -24,6 +24,7 @@ RECIPE_FLAGS = {
     "--fold": ("data.fold", int, "which fold validates"),
     "--seed": ("data.seed", int, "seed for split, balancing and augmentation"),
     "--neg-ratio": ("data.neg_ratio", float, "negatives kept per positive each epoch"),
+    "--neighbors": ("data.neighbors", int, "2.5D: slices on each side of the same series as extra channels"),
     "--max-error-fraction": ("data.max_error_fraction", float, "fail above this share of unreadable files"),
     "--weights": ("model.weights", str, "none, imagenet, or a state dict / checkpoint dir (path or URI)"),
     "--aux-logits": ("model.aux_logits", str, "true/false: InceptionV3 aux head (needs >= 299 px)"),
@@ -189,7 +190,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     init_ray(args.address)
-    result = sweep(cfg)
+    result = sweep(cfg, stage=args.stage)
     print(result.trials.drop(columns=["checkpoint"]).to_string(index=False))
     print(json.dumps({"sweep_dir": result.sweep_dir, "best": result.best_dir}))
 
@@ -296,7 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("tune", help="sweep lr and decay with Ray Tune (ASHA); export the best checkpoint")
     recipe = {k: v for k, v in RECIPE_FLAGS.items() if k not in ("--name", "--storage-path", "--epochs", "--lr",
                                                                    "--decay")}
-    _add_config_flags(p, recipe, SWEEP_FLAGS)
+    _add_config_flags(p, recipe, SWEEP_FLAGS,
+                      {"--checkpoint": ("sequence.cnn", str, "with --stage sequence: the trained CNN checkpoint")})
+    p.add_argument("--stage", choices=("cnn", "sequence"), default="cnn",
+                   help="sweep CNN trainings (default) or the sequence stage on --checkpoint's outputs")
     p.add_argument("--address", **address)
     p.set_defaults(func=cmd_tune)
 

@@ -15,6 +15,7 @@ from raysys.dicom import DEFAULT_LIMITS
 from raysys.windowing import DEFAULT_WINDOWS, format_windows
 
 CONFIG_FILE = "config.yaml"  # the resolved config, beside every run, sweep and checkpoint
+MAX_NEIGHBORS = 4  # 2.5D input: at most 9 slices (27 channels) per image
 
 
 class InputError(Exception):
@@ -42,6 +43,7 @@ class DataConfig:
     neg_ratio: float = 1.0  # negatives kept per positive each epoch (reference: 1.0, balanced)
     max_error_fraction: float = 0.001  # fail when more files than this are unreadable
     decode_cpus: float = 0.25  # CPUs reserved per decode task; small so 2-core machines still schedule
+    neighbors: int = 0  # 2.5D: this many slices on each side (same series) join the slice as extra channels
 
     def __post_init__(self) -> None:
         _resolve_fields(self, "data", "labels")
@@ -59,6 +61,8 @@ class DataConfig:
             raise ValueError(f"data.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.decode_cpus <= 0:
             raise ValueError(f"data.decode_cpus must be > 0, got {self.decode_cpus}")
+        if not 0 <= self.neighbors <= MAX_NEIGHBORS:
+            raise ValueError(f"data.neighbors must be in [0, {MAX_NEIGHBORS}], got {self.neighbors}")
 
 
 @dataclass(frozen=True)

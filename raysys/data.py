@@ -376,15 +376,27 @@ def image_dataset(
     size: int = _DATA.image_size,
     with_labels: bool = True,
     decode_cpus: float = _DATA.decode_cpus,
+    neighbors: int = _DATA.neighbors,
 ) -> ray.data.Dataset:
     """Stream the images of `index` as rows `image` (uint8 (C, S, S)), `image_id` and `label` (float32 (6,)).
 
     From DICOMs: only the listed files are read and decoded. From a cache: only the shards holding
     them are read (the cache must have been prepared with the same windows and size). Rows come in
     the index's order, shard by shard (shards in the order their first image appears).
+
+    neighbors > 0 (2.5D): each image is its series' slices -n..n, C = windows x (2n + 1), lowest first;
+    a neighbour past the series' end or across a gap (slices missing there) is the slice itself. The
+    series come from `source`'s whole index, so a balanced epoch's image still gets neighbours it leaves out.
     """
     windows = parse_windows(windows)
     data = source.data if isinstance(source, Scan) else source
+    if neighbors:
+        if is_cache(data):
+            raise DataError(f"{data}: 2.5D input (neighbors {neighbors}) reads DICOMs; a prepared cache holds single "
+                            "slices (give the DICOM folder)")
+        if not isinstance(source, Scan):
+            raise ValueError("2.5D input needs the scan (its index knows every slice of each series)")
+        return _neighbor_images(index, source.index, windows, size, with_labels, decode_cpus, neighbors)
     if is_cache(data):
         _check_cache(data, windows, size)
         return _cached_images(index, data, (len(windows), size, size), with_labels, decode_cpus)
@@ -394,6 +406,52 @@ def image_dataset(
         fn_kwargs={"size": size, "channels": len(windows), "labels": labels},
         batch_format="numpy",
         num_cpus=decode_cpus,
+    )
+
+
+def neighbor_paths(index: pd.DataFrame, series_index: pd.DataFrame, neighbors: int) -> list[list[str]]:
+    """Per row of `index`: the paths of its series' slices -neighbors..neighbors (order_series of `series_index`),
+    the row's own path where that slice does not exist: past the series' end, or across a gap."""
+    ordered = order_series(series_index).reset_index(drop=True)
+    at = {image_id: i for i, image_id in enumerate(ordered["image_id"])}
+    series, paths, gaps = ordered["series"].to_numpy(), ordered["path"].to_numpy(), ordered["gap_before"].to_numpy()
+    out = []
+    for image_id, own in zip(index["image_id"], index["path"]):
+        i = at[image_id]
+        stack = []
+        for step in range(-neighbors, neighbors + 1):
+            j, ok = i, True
+            while ok and j != i + step:  # walk slice by slice: a gap or the series' end stops the walk
+                k = j + (1 if step > 0 else -1)
+                ok = 0 <= k < len(ordered) and series[k] == series[i] and not gaps[max(j, k)]
+                j = k
+            stack.append(str(paths[j]) if ok else str(own))
+        out.append(stack)
+    return out
+
+
+def _decode_stacks(batch: dict, windows: tuple[Window, ...], size: int) -> dict:
+    """Rows of newline-joined paths -> each file windowed, stacked along channels, as bytes."""
+    images = []
+    for joined in batch["paths"]:
+        parts = [window_pixels(s.pixels, s.slope, s.intercept, windows, size)
+                 for s in (decode(storage.read_bytes(p), name=p) for p in str(joined).split("\n"))]
+        images.append(np.concatenate(parts).tobytes())
+    return {"image_id": batch["image_id"], "image": np.array(images, dtype=object)}
+
+
+def _neighbor_images(index, series_index, windows, size, with_labels, decode_cpus, neighbors) -> ray.data.Dataset:
+    slices = 2 * neighbors + 1
+    rows = [{"image_id": str(i), "paths": "\n".join(p)}
+            for i, p in zip(index["image_id"], neighbor_paths(index, series_index, neighbors))]
+    labels = dict(zip(index["image_id"], index[list(LABELS)].to_numpy(np.float32))) if with_labels else None
+    per_task = max(1, FILES_PER_TASK // slices)  # files read per task as for single slices
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_task))).map_batches(
+        _decode_stacks, fn_kwargs={"windows": windows, "size": size}, batch_size=None, batch_format="numpy",
+        num_cpus=decode_cpus,
+    ).map_batches(
+        _with_labels, fn_kwargs={"size": size, "channels": len(windows) * slices, "labels": labels},
+        batch_format="numpy", num_cpus=decode_cpus,
     )
 
 

@@ -42,17 +42,26 @@ class HemorrhageNet(nn.Module):
     mode returns the raw logits (InceptionOutputs when the aux head is on).
     """
 
-    def __init__(self, net: nn.Module, contract: InputContract):
+    def __init__(self, net: nn.Module, contract: InputContract, neighbors: int = 0):
         super().__init__()
         self.net = net
         self.contract = contract
+        self.neighbors = neighbors
         self.register_buffer("logit_offset", torch.zeros(len(LABELS)))
+        if neighbors:
+            # torchvision's transform_input (ImageNet normalisation -> the (x - 0.5) / 0.5 Google's weights
+            # expect) knows three channels; a 2.5D input gets the same per window, for every slice.
+            std, mean = torch.tensor(contract.std), torch.tensor(contract.mean)
+            self.register_buffer("input_scale", (std / 0.5).view(1, -1, 1, 1))
+            self.register_buffer("input_shift", ((mean - 0.5) / 0.5).view(1, -1, 1, 1))
 
     @property
     def aux_logits(self) -> bool:
         return bool(self.net.aux_logits)
 
     def forward(self, x: torch.Tensor):
+        if self.neighbors:
+            x = x * self.input_scale + self.input_shift
         out = self.net(x)
         return out if self.training else out + self.logit_offset
 
@@ -65,11 +74,15 @@ HEAD_KEYS = ("fc.", "AuxLogits.fc.", "logit_offset")  # rebuilt for the six labe
 
 
 def build_model(
-    backbone: dict[str, torch.Tensor] | None = None, *, image_size: int = 256, aux_logits: bool = False
+    backbone: dict[str, torch.Tensor] | None = None, *, image_size: int = 256, aux_logits: bool = False,
+    neighbors: int = 0,
 ) -> HemorrhageNet:
     """torchvision inception_v3 with len(LABELS) outputs (logits; sigmoid at inference).
 
     backbone: None (random init) or a state dict from `load_backbone`, already checked there.
+    neighbors > 0 (2.5D): the input holds 2 x neighbors + 1 slices of three windows each; the first
+    convolution is widened to them, each slice's copy of the three-channel weights divided by the number
+    of slices, so a stack of one slice repeated gives exactly the three-channel network's output.
     """
     if image_size < MIN_SIZE:
         raise ValueError(f"InceptionV3 needs image_size >= {MIN_SIZE}, got {image_size}")
@@ -84,7 +97,17 @@ def build_model(
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, len(LABELS))
     else:
         model.aux_logits, model.AuxLogits = False, None
-    return HemorrhageNet(model, InputContract(size=image_size))
+    if not neighbors:
+        return HemorrhageNet(model, InputContract(size=image_size))
+    slices = 2 * neighbors + 1
+    conv = model.Conv2d_1a_3x3.conv
+    wide = nn.Conv2d(conv.in_channels * slices, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                     bias=False)
+    with torch.no_grad():
+        wide.weight.copy_(conv.weight.repeat(1, slices, 1, 1) / slices)
+    model.Conv2d_1a_3x3.conv, model.transform_input = wide, False
+    contract = InputContract(size=image_size, channels=3 * slices, mean=IMAGENET_MEAN * slices, std=IMAGENET_STD * slices)
+    return HemorrhageNet(model, contract, neighbors)
 
 
 def load_backbone(weights: str) -> dict[str, torch.Tensor] | None:
@@ -191,6 +214,7 @@ def save_checkpoint(
         "image_size": plain.contract.size,
         "contract": asdict(plain.contract),
         "aux_logits": plain.aux_logits,
+        "neighbors": plain.neighbors,
         "logit_offset": plain.logit_offset.tolist(),
         "epoch": epoch,
         "metrics": metrics,
@@ -231,7 +255,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
         return load_checkpoint(resolve_cnn(str(local), meta), device)
     config = yaml.safe_load((local / CONFIG_FILE).read_text()) if (local / CONFIG_FILE).is_file() else {}
-    model = build_model(image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False))
+    model = build_model(image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False),
+                        neighbors=meta.get("neighbors", 0))
     state = read_state(local)
     model.load_state_dict(state["model"])
     model.to(device).eval()

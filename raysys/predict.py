@@ -99,7 +99,8 @@ def predict_folder(
     meta = read_meta(checkpoint)
     found = rdata.scan(data, training=False, max_error_fraction=cfg.max_error_fraction, run_dir=run_dir)
     start, total = time.perf_counter(), len(found.index)
-    ds = rdata.image_dataset(found.index, found, windows=meta["windows"], size=meta["image_size"], with_labels=False)
+    ds = rdata.image_dataset(found.index, found, windows=meta["windows"], size=meta["image_size"], with_labels=False,
+                             neighbors=meta.get("neighbors", 0))
     cnn_frame = None
     if is_sequence(meta):
         if cfg.tta != "none":

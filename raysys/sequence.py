@@ -176,7 +176,7 @@ def save_sequence(directory: str | Path, model: SeriesGRU, *, cnn_meta: dict, cn
     plain = getattr(model, "module", model)
     torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch}, directory / SEQUENCE_FILE)
-    keep = ("labels", "windows", "image_size", "contract", "aux_logits", "logit_offset", "label_prior")
+    keep = ("labels", "windows", "image_size", "contract", "aux_logits", "neighbors", "logit_offset", "label_prior")
     meta = {**{k: cnn_meta[k] for k in keep if k in cnn_meta}, "stage": STAGE,
             "sequence": {"features": plain.features, "hidden": plain.hidden, "dropout": plain.dropout},
             "cnn": {**cnn, "epoch": cnn_meta.get("epoch"),

@@ -29,6 +29,10 @@ scores of the slice. A raw body is a series of one and gets today's single answe
 cnn_probabilities. Only the slices of one request form a series: a series sent over several
 requests is scored as several series. A SOPInstanceUID may appear once per request (400 otherwise).
 
+A 2.5D checkpoint (meta.json `neighbors` n > 0) reads each slice between its n neighbours on each side:
+they come from the same request's slices of its series, ordered as above; past a series' end or
+across a gap the slice itself stands in, so a lone slice is scored as itself repeated.
+
 Hostile input costs the sender, not the other clients: decoding runs in a thread pool
 sized to the replica's CPUs, never on the event loop that answers /healthz, and bodies over
 SMALL_BODY (larger than any real slice) have a lane of their own; bodies over
@@ -118,6 +122,19 @@ def _check_unique(ids: list[str], labels: list[str]) -> None:
         seen.setdefault(image_id, label)
 
 
+def _stack_neighbors(decoded: list[tuple], neighbors: int) -> list[np.ndarray]:
+    """2.5D input from one request: each slice between its neighbours among the request's slices of its series,
+    as in training (raysys.data.neighbor_paths: the slice itself past a series' end or across a gap), so a
+    lone slice is itself repeated. decoded: (image, image_id, series_id, position) per part."""
+    from raysys.data import neighbor_paths
+
+    frame = pd.DataFrame({"image_id": [f"part {i + 1}" for i in range(len(decoded))],
+                          "path": [str(i) for i in range(len(decoded))],
+                          "series_id": [d[2] or f"part {i + 1}" for i, d in enumerate(decoded)],
+                          "position": [d[3] for d in decoded]})
+    return [np.concatenate([decoded[int(i)][0] for i in stack]) for stack in neighbor_paths(frame, frame, neighbors)]
+
+
 def _named(labels: list[str], values: np.ndarray) -> dict[str, float]:
     return dict(zip(labels, map(float, values)))
 
@@ -164,6 +181,7 @@ class HemorrhageService:
             loaded = load_checkpoint(checkpoint, self.device)
             self.model, self.meta = loaded.model, loaded.meta
         self.stage = "cnn" if self.gru is None else "sequence"
+        self.neighbors = self.meta.get("neighbors", 0)  # 2.5D: slices on each side, taken from the request
         self.windows, self.size = self.meta["windows"], self.meta["image_size"]
         self.checkpoint_info = {"checkpoint": checkpoint.rstrip("/").rsplit("/", 1)[-1], "epoch": self.meta["epoch"],
                                 "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
@@ -269,6 +287,8 @@ class HemorrhageService:
             log.info("predict rejected: %s %s", e.status, e.message)
             return JSONResponse({"error": e.message}, status_code=e.status)
         images, ids = [d[0] for d in decoded], [d[1] for d in decoded]
+        if self.neighbors:
+            images = _stack_neighbors(decoded, self.neighbors)
         outputs = await self.score(images)
         if self.gru is not None:
             return await self._answer_series(request, decoded, outputs, start)

@@ -123,7 +123,7 @@ def build_datasets(cfg: Config, split: Split) -> dict:
     Nothing is decoded here; each epoch's dataset streams when its workers iterate it.
     """
     d = cfg.data
-    kwargs = {"windows": d.windows, "size": d.image_size, "decode_cpus": d.decode_cpus}
+    kwargs = {"windows": d.windows, "size": d.image_size, "decode_cpus": d.decode_cpus, "neighbors": d.neighbors}
     fractional = {"num_cpus": d.decode_cpus}  # every op fractional, or 2 cores starve
     datasets = {"val": rdata.image_dataset(split.val, split.source, **kwargs).select_columns(VAL_COLUMNS, **fractional)}
     for epoch in range(1, cfg.train.epochs + 1):
@@ -178,7 +178,8 @@ def train_loop(config: dict) -> None:
     t, rank = cfg.train, ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     backbone = ray.get(config["backbone"]) if config["backbone"] is not None else None
-    model = build_model(backbone, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits)
+    model = build_model(backbone, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits,
+                        neighbors=cfg.data.neighbors)
     model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

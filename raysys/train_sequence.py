@@ -130,7 +130,8 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
     t = cfg.train
     index = pd.concat([split.train, split.val], ignore_index=True)
     ds = rdata.image_dataset(index, split.source, windows=cnn_meta["windows"], size=cnn_meta["image_size"],
-                             with_labels=False, decode_cpus=cfg.data.decode_cpus)
+                             with_labels=False, decode_cpus=cfg.data.decode_cpus,
+                             neighbors=cnn_meta.get("neighbors", 0))
     pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
     start = time.perf_counter()
     out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features}, pool,

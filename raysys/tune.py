@@ -1,4 +1,7 @@
-"""Ray Tune: sweep learning rate and decay over Ray Train runs, ASHA on validation loss; export the best."""
+"""Ray Tune: sweep learning rate and decay over Ray Train runs, ASHA on validation loss; export the best.
+
+The runs are CNN trainings (stage "cnn") or sequence stages on one CNN's outputs (stage "sequence": the CNN
+embeds the data once, on the driver's Ray, and every trial trains its GRU on the same series)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,15 @@ from ray import tune
 from raysys import storage
 from raysys.config import Config, SweepConfig, from_dict, save_config
 from raysys.model import read_meta
+from raysys.sequence import export_sequence
 from raysys.train import SCORE, Split, fit_split, load_split, put_backbone
+from raysys.train_sequence import SeriesData, fit_series, prepare_series
 
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
 RUNGS_FILE = "asha_rungs.json"
+STAGES = ("cnn", "sequence")
 
 
 @dataclass(frozen=True)
@@ -110,23 +116,40 @@ def run_trial(config: dict, base: dict, split: Split, backbone: ray.ObjectRef | 
     fit_split(cfg, split, backbone, callbacks=[TuneReportCallback()])
 
 
-def sweep(cfg: Config) -> SweepResult:
+def run_sequence_trial(config: dict, base: dict, series: SeriesData) -> None:
+    """One Tune trial of the sequence stage: its GRU trained with this trial's lr and decay on the shared series."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = from_dict(base, {"sequence.lr": config["lr"], "sequence.decay": config["decay"], "train.name": trial_id})
+    fit_series(cfg, series, callbacks=[TuneReportCallback()], export=False)
+
+
+def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
     """Run (or resume) the sweep cfg.sweep.name under cfg.sweep.storage_path: trials.csv, sweep.png, best/.
 
     Every trial is a Ray Train run under `<sweep>/trials/<trial id>/`; the recipe's own
-    train.storage_path and train.name are not used.
+    train.storage_path and train.name are not used. stage "sequence" sweeps sequence.lr and
+    sequence.decay of the sequence stage on cfg.sequence.cnn's outputs.
     """
+    if stage not in STAGES:
+        raise ValueError(f"sweep stage must be one of {STAGES}, got {stage!r}")
     s = cfg.sweep
     sweep_dir = storage.join(s.storage_path, s.name)
-    cfg = cfg.replace(**{"train.epochs": s.max_epochs, "train.storage_path": storage.join(sweep_dir, "trials"),
+    epochs = "sequence.epochs" if stage == "sequence" else "train.epochs"
+    cfg = cfg.replace(**{epochs: s.max_epochs, "train.storage_path": storage.join(sweep_dir, "trials"),
                          **({"train.workers": s.workers_per_trial} if s.workers_per_trial else {})})
-    backbone = put_backbone(cfg)  # once, on this driver, before any data is scanned or trial started
-    save_config(cfg, sweep_dir)
-    split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone),
-        {"CPU": 0.01},  # the trial driver only waits on its Train run; its CPU goes to decoding
-    )
+    if stage == "sequence":
+        save_config(cfg, sweep_dir)
+        series = prepare_series(cfg, sweep_dir)  # once: every trial trains on the same CNN outputs
+        trial = tune.with_parameters(run_sequence_trial, base=cfg.to_dict(), series=series)
+    else:
+        backbone = put_backbone(cfg)  # once, on this driver, before any data is scanned or trial started
+        save_config(cfg, sweep_dir)
+        split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
+        trial = tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone)
+    # The trial driver only waits on its Train run; its CPU goes to decoding.
+    trainable = tune.with_resources(trial, {"CPU": 0.01})
     tuner_path = storage.join(sweep_dir, "tuner")
     rungs = storage.join(sweep_dir, RUNGS_FILE)
     if tune.Tuner.can_restore(tuner_path):
@@ -158,7 +181,7 @@ def sweep(cfg: Config) -> SweepResult:
     from raysys.report import sweep_plot
 
     sweep_plot(storage.join(sweep_dir, "sweep.png"), trials, score=SCORE)
-    best_dir = export_best(trials, storage.join(sweep_dir, BEST_DIR))
+    best_dir = export_best(trials, storage.join(sweep_dir, BEST_DIR), sequence=stage == "sequence")
     log.info("best checkpoint: %s", best_dir)
     return SweepResult(sweep_dir=sweep_dir, best_dir=best_dir, trials=trials)
 
@@ -194,13 +217,17 @@ def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("best_" + SCORE, na_position="last").reset_index(drop=True)
 
 
-def export_best(trials: pd.DataFrame, best_dir: str) -> str:
-    """Copy the best trial's best checkpoint to `best_dir` with metrics.json beside it."""
+def export_best(trials: pd.DataFrame, best_dir: str, sequence: bool = False) -> str:
+    """Copy the best trial's best checkpoint to `best_dir` with metrics.json beside it (a sequence stage's with
+    its CNN under cnn/, self-contained)."""
     ok = trials[trials["checkpoint"].astype(bool)]
     if ok.empty:
         raise RuntimeError("no trial produced a checkpoint; see trials.csv for the errors")
     top = ok.iloc[0]
-    storage.copy_tree(top["checkpoint"], best_dir)
+    if sequence:
+        export_sequence(top["checkpoint"], best_dir)
+    else:
+        storage.copy_tree(top["checkpoint"], best_dir)
     meta = read_meta(best_dir)
     summary = {"trial": top["trial"], "lr": float(top["lr"]), "decay": float(top["decay"]),
                SCORE: float(top["best_" + SCORE]), "val_degenerate": int(top["val_degenerate"]),

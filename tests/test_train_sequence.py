@@ -161,3 +161,23 @@ def test_cli_needs_the_cnn_checkpoint(stages, capsys):
         cli_main(["train-sequence", "--checkpoint", stages["seq"].best_checkpoint, "--data", cfg.data.data,
                   "--labels", cfg.data.labels, "--storage-path", str(stages["root"] / "runs"), "--name", "again"])
     assert exit_info.value.code == 1
+
+
+def test_tune_sweeps_the_sequence_stage_and_exports_the_best_with_its_cnn(stages, tmp_path):
+    from raysys.tune import sweep
+
+    cfg = stages["cfg"].replace(**{"sweep.storage_path": str(tmp_path), "sweep.name": "seq-sweep",
+                                   "sweep.num_samples": 2, "sweep.max_epochs": 4, "sweep.grace_period": 4,
+                                   "sweep.lr_min": 1e-3, "sweep.lr_max": 1e-2})
+    result = sweep(cfg, stage="sequence")
+    trials = pd.read_csv(Path(result.sweep_dir) / "trials.csv")
+    assert len(trials) == 2 and trials["lr"].between(1e-3, 1e-2).all() and (trials["epochs_run"] == 4).all()
+    assert trials["lr"].nunique() == 2  # each trial trained with its own draw
+    best = Path(result.best_dir)
+    meta = read_meta(best)
+    assert meta["stage"] == "sequence" and (best / CNN_DIR / "model.pt").is_file()
+    assert meta["metrics"][SCORE] == pytest.approx(trials[f"best_{SCORE}"].min())
+    for trial in trials["trial"]:  # every trial trained its own GRU on the shared embeddings
+        history = pd.read_csv(Path(result.sweep_dir) / "trials" / trial / "metrics.csv")
+        assert list(history["epoch"]) == [1, 2, 3, 4]
+    load_sequence(best)  # self-contained: loads with its CNN
