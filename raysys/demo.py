@@ -179,11 +179,34 @@ def serve_and_ask(best: Path, test: pd.DataFrame, n: int) -> list[dict]:
             truth = row[list(LABELS)].to_numpy()
             print(f"   {image_id}  {out['latency_ms']:6.1f} ms  {format_probabilities(probs, truth)}")
             answers.append({"image_id": image_id, "path": row["path"], "probabilities": probs, "truth": truth.tolist()})
+        ask_series(url, test)
         bad = requests.post(url, data=b"not a dicom", headers={"Content-Type": "application/dicom"}, timeout=60)
         print(f"   garbage body -> HTTP {bad.status_code}: {bad.json()['error']}")
     finally:
         serve.shutdown()
     return answers
+
+
+def ask_series(url: str, test: pd.DataFrame) -> None:
+    """POST the held-out series with the most bleeding slices as one multipart request, parts shuffled; print
+    the per-slice `any` in the order the service answers (slice order) beside the truth, and the series' maxima."""
+    import numpy as np
+    import requests
+
+    series = test.groupby("series_id")["any"].sum().idxmax()
+    rows = test[test["series_id"] == series]
+    parts = rows.iloc[np.random.default_rng(0).permutation(len(rows))]
+    files = [("file", (f"part{i}.dcm", Path(path).read_bytes(), "application/dicom"))
+             for i, path in enumerate(parts["path"])]
+    r = requests.post(url, files=files, timeout=120)
+    r.raise_for_status()
+    out = r.json()
+    strip = "  ".join(f"{res['probabilities']['any']:.2f}({int(rows.loc[res['image_id'], 'any'])})"
+                      for res in out["results"])
+    print(f"   one series, {len(rows)} slices sent shuffled in one request ({out['latency_ms']:.0f} ms); `any` in "
+          f"slice order: {strip}")
+    maxima = [out["series"][0]["max"][name] for name in LABELS]
+    print(f"   series maxima: {format_probabilities(maxima, rows[list(LABELS)].max().to_numpy())}")
 
 
 def write_report(report_dir: Path, result, sequence, test: pd.DataFrame, answers: list[dict], best_cnn: Path) -> None:

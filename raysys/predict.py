@@ -18,7 +18,7 @@ from raysys.engine import embed, infer
 from raysys.labels import LABELS, read_labels, sample_image_ids, write_submission
 from raysys.metrics import summarize
 from raysys.model import load_checkpoint, read_meta
-from raysys.sequence import is_sequence, load_sequence, score_rows, series_items, sigmoid
+from raysys.sequence import is_sequence, load_sequence, score_rows, series_items, sigmoid, stored_features
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Embedder:
     def __call__(self, batch: dict) -> dict:
         features, logits = embed(self.model, batch["image"], self.device)
         kept = features if self.features else features[:, :0]
-        return {"image_id": batch["image_id"], "features": kept.astype(np.float16), "logits": logits}
+        return {"image_id": batch["image_id"], "features": stored_features(kept), "logits": logits}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ def predict_folder(
     meta = read_meta(checkpoint)
     found = rdata.scan(data, training=False, max_error_fraction=cfg.max_error_fraction, run_dir=run_dir)
     start, total = time.perf_counter(), len(found.index)
+    if total == 0:  # nothing readable: every file is in errors
+        empty = _frame([], np.zeros((0, len(LABELS))))
+        return Predictions(frame=empty, errors=found.errors, seconds=0.0, cnn_frame=empty if is_sequence(meta) else None)
     ds = rdata.image_dataset(found.index, found, windows=meta["windows"], size=meta["image_size"], with_labels=False,
                              neighbors=meta.get("neighbors", 0))
     cnn_frame = None

@@ -1,11 +1,12 @@
-"""The study-context stage in plain torch: a bidirectional GRU over each series' per-slice CNN outputs.
+"""The study-context stage in plain torch: a bidirectional GRU over each series' per-slice CNN outputs,
+and its checkpoint directory.
 
 A bleed spans several adjacent slices; a slice's own CNN score misses what its neighbours show. The
 sequence model reads one series at a time, slices ordered by position (raysys.data.order_series), and
-corrects each slice's CNN logits from its context: logits = cnn_logits + correction, with the
-correction's last layer starting at zero, so training starts from the CNN's own scores and can only
-move away from them where context helps. The loss is the competition metric (WeightedBCE), over real
-slices only (padding is masked out).
+recalibrates and corrects each slice's CNN logits from its context (SeriesGRU), starting as the CNN's
+own scores and moving away from them where the series helps. The loss is the competition metric
+(WeightedBCE), over real slices only (padding is masked out). A sequence checkpoint names its CNN by
+content hash; an exported one holds it under cnn/. Ray's part is in raysys.train_sequence.
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ def score_series(model: SeriesGRU, series: Sequence[dict[str, np.ndarray]], devi
         probabilities = torch.sigmoid(model(batch["features"], batch["cnn_logits"], batch["mask"])).cpu().numpy()
         out.extend(p[: len(s["cnn_logits"])] for p, s in zip(probabilities, chunk))
     return out
+
+
+FLOAT16_MAX = 65504.0
+
+
+def stored_features(features: np.ndarray) -> np.ndarray:
+    """Pooled CNN features as the stage keeps them: float16 (half the memory of RSNA's 750,000 x 2048),
+    clipped to float16's range so an extreme (untrained) CNN gives large values rather than inf."""
+    return np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

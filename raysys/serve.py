@@ -239,13 +239,14 @@ class HemorrhageService:
         """(B, C, S, S) uint8 -> per image: probabilities (6,) for a CNN checkpoint; for a sequence checkpoint
         (features (F,), logits (6,)), the GRU's input (F = 0 when it reads logits only)."""
         from raysys.engine import embed, infer
+        from raysys.sequence import stored_features
 
         if self.gru is None:
             return list(infer(self.model, images, self.device))
         features, logits = embed(self.model, images, self.device)
         # Rounded through float16 as training and batch predict store them (raysys.predict.Embedder): the GRU
         # reads here what it was trained and validated on.
-        features = features[:, : self.gru.features].astype(np.float16).astype(np.float32)
+        features = stored_features(features[:, : self.gru.features]).astype(np.float32)
         return list(zip(features, logits))
 
     @api.get("/healthz")

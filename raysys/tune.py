@@ -79,6 +79,10 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         self._save()
+        if result.get(self._time_attr, 0) >= self._max_t - 1:
+            # The trial's last epoch may sit on a rung (grace 2 of 4 epochs puts one at 4). Stopping it there
+            # saves nothing and kills the trial's driver before it writes metrics.csv and curves.png.
+            return tune.schedulers.TrialScheduler.CONTINUE
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
