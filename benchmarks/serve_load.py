@@ -50,24 +50,12 @@ from ray import serve
 from raysys.config import ServeConfig
 from raysys.model import read_meta
 from raysys.serve import TOKEN_ENV, build_app
-from raysys.testing import free_port, hostile_bodies, small_phantom
+from raysys.testing import free_port, hostile_bodies, small_phantom, wait_healthy
 
 APP = "raysys-bench"
 HEADERS = {"Content-Type": "application/dicom"}
 if os.environ.get(TOKEN_ENV):  # the replicas inherit the token and will ask for it
     HEADERS["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
-
-
-def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
 
 
 def load(url: str, bodies: list[bytes], n: int, concurrency: int, max_seconds: float,

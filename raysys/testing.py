@@ -21,6 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until a Serve app at `url` (http://127.0.0.1:PORT) answers GET /healthz with 200."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
+
+
 def small_phantom(out: str | Path, *, studies: int = 10, size: int = 96, seed: int = 0) -> pd.DataFrame:
     """A few phantom studies of 4-5 slices with dense bleeds: enough positives on both sides of a split.
 

@@ -19,7 +19,7 @@ from raysys.model import build_model, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.serve import TOKEN_ENV, build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port, hostile_bodies
+from raysys.testing import free_port, hostile_bodies, wait_healthy
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
@@ -56,14 +56,7 @@ def server(ray_session, checkpoint, tmp_path_factory):
     cfg = ServeConfig(max_batch_size=4, max_body_bytes=LIMIT, max_files=8, token_file=str(token_file))
     serve.run(build_app(str(checkpoint), cfg), name="raysys", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url)
     yield url
     serve.shutdown()
 

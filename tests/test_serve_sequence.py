@@ -4,7 +4,6 @@ Expected values are computed here, apart from the service: the checkpoint loaded
 series' files ordered by the InstanceNumber pydicom reads from them, the CNN and the GRU run on that order.
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from raysys.presets import dicom_to_image, to_model_input
 from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, load_sequence, save_sequence, score_series
 from raysys.serve import build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port
+from raysys.testing import free_port, wait_healthy
 
 SIZE = 96
 SLICES = 5
@@ -104,14 +103,7 @@ def server(ray_session, checkpoint):
     serve.run(build_app(str(checkpoint), ServeConfig(max_batch_size=8, max_files=16)), name="raysys-seq",
               route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url)
     yield url
     serve.shutdown()
 
