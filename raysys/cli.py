@@ -167,9 +167,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     init_ray(args.address)
-    result = fit(cfg)
-    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
-                      SCORE: result.best_metrics[SCORE], "epochs": int(result.history["epoch"].max())}))
+    _print_fit(fit(cfg), SCORE)
 
 
 def cmd_train_sequence(args: argparse.Namespace) -> None:
@@ -179,9 +177,13 @@ def cmd_train_sequence(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     init_ray(args.address)
-    result = fit_sequence(cfg)
+    _print_fit(fit_sequence(cfg), SCORE)
+
+
+def _print_fit(result, score: str) -> None:
+    """A finished run as one JSON line: where it is, its best checkpoint and score, the epochs run."""
     print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
-                      SCORE: result.best_metrics[SCORE], "epochs": int(result.history["epoch"].max())}))
+                      score: result.best_metrics[score], "epochs": int(result.history["epoch"].max())}))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from raysys.engine import embed, infer
 from raysys.labels import LABELS, read_labels, sample_image_ids, write_submission
 from raysys.metrics import summarize
 from raysys.model import load_checkpoint, read_meta
-from raysys.sequence import is_sequence, load_sequence, score_rows, series_items, sigmoid, stored_features
+from raysys.sequence import is_sequence, load_gru, score_rows, series_items, sigmoid, stored_features
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,10 @@ def sequence_probabilities(checkpoint: str, index: pd.DataFrame, ids: list[str],
                            logits: np.ndarray) -> np.ndarray:
     """The sequence stage's (len(ids), 6) probabilities, row i for ids[i], from the CNN outputs of those images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stage = load_sequence(checkpoint, device)
+    model, _ = load_gru(checkpoint, device)  # the CNN's outputs are in hand: its weights stay on disk
     rows = index.set_index("image_id").loc[ids].reset_index().assign(row=np.arange(len(ids)))
     items = series_items(rdata.order_series(rows), features.astype(np.float32), logits, labels=False)
-    return score_rows(stage.model, items, len(ids), device)
+    return score_rows(model, items, len(ids), device)
 
 
 def _frame(ids: list[str], probabilities: np.ndarray) -> pd.DataFrame:

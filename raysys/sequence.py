@@ -247,6 +247,15 @@ def is_sequence(meta: dict) -> bool:
 
 
 def load_sequence(directory: str | Path, device: str | torch.device = "cpu") -> SequenceCheckpoint:
+    """Both stages of a sequence checkpoint, in eval mode on `device` (the CNN's hash checked)."""
+    local = storage.local_dir(directory)
+    model, meta = load_gru(local, device)
+    return SequenceCheckpoint(cnn=load_checkpoint(resolve_cnn(str(local), meta), device), model=model, meta=meta)
+
+
+def load_gru(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SeriesGRU, dict]:
+    """The GRU of a sequence checkpoint (eval mode, on `device`) and its meta.json, without loading its CNN:
+    for a process that has the CNN's outputs already (batch predict's driver)."""
     local = storage.local_dir(directory)
     meta = read_meta(local)
     if not is_sequence(meta):
@@ -255,5 +264,4 @@ def load_sequence(directory: str | Path, device: str | torch.device = "cpu") -> 
     model = SeriesGRU(shape["features"], shape["hidden"], shape["dropout"])
     state = torch.load(local / SEQUENCE_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    return SequenceCheckpoint(cnn=load_checkpoint(resolve_cnn(str(local), meta), device),
-                              model=model.to(device).eval(), meta=meta)
+    return model.to(device).eval(), meta
