@@ -234,13 +234,15 @@ def train_loop(config: dict) -> None:
         _maybe_fail(config["fail"], epoch, rank)
 
 
-def _resume(model, optimizer, scheduler) -> tuple[int, list]:
-    """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, [])."""
+def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:
+    """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, []).
+
+    read: the checkpoint directory -> its state dict (model, optimizer, scheduler, epoch)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 1, []
     with checkpoint.as_directory() as d:
-        state, meta = read_state(d), read_meta(d)
+        state, meta = read(d), read_meta(d)
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -48,6 +48,7 @@ from raysys.train import (
     _broadcast,
     _flatten,
     _mean_across_workers,
+    _resume,
     finish,
     load_split,
     run_dir_for,
@@ -190,7 +191,7 @@ def sequence_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(SeriesGRU(config["features"], s.hidden, s.dropout))
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=s.decay)
-    start, history = _resume(model, optimizer, scheduler)
+    start, history = _resume(model, optimizer, scheduler, read=_read_sequence_state)
     val = _rows(ray.train.get_dataset_shard("val")) if rank == 0 else None
     tag, epoch_seconds = f"[sequence {name}]", []
     for epoch in range(start, s.epochs + 1):
@@ -243,15 +244,5 @@ def _split_rows(batch: dict) -> list[dict]:
     return [{k: np.asarray(batch[k][i], np.float32) for k in keys} for i in range(len(batch["slices"]))]
 
 
-def _resume(model, optimizer, scheduler) -> tuple[int, list]:
-    """(first epoch to run, history so far) from Ray Train's latest checkpoint, or (1, [])."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 1, []
-    with checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/{SEQUENCE_FILE}", map_location="cpu", weights_only=True)
-        meta = read_meta(d)
-    getattr(model, "module", model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1, meta["metrics"].get("history", [])
+def _read_sequence_state(directory: str) -> dict:
+    return torch.load(f"{directory}/{SEQUENCE_FILE}", map_location="cpu", weights_only=True)
