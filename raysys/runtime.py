@@ -117,3 +117,18 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_config=ray.LoggingConfig(log_level="WARNING"),
                  **kwargs)
     configure_logging()
+
+
+def cpus_left(held: float, data_cpus: float, what: str) -> float:
+    """CPUs the cluster has beyond `held` (what `what` takes: Train workers, an actor pool); warns when that
+    leaves less than `data_cpus` for the Ray Data tasks that feed it, which would then wait for CPUs forever
+    unless the cluster grows (an autoscaling cluster adds nodes; a laptop never does)."""
+    import ray
+
+    left = ray.cluster_resources().get("CPU", 0.0) - held
+    if left < data_cpus:
+        logging.getLogger(__name__).warning(
+            "%s takes %g of the cluster's %g CPUs, leaving %g for the Ray Data tasks that feed it (each needs %g): "
+            "nothing is decoded until the cluster has more CPUs; use fewer workers or fractional "
+            "--cpus-per-worker", what, held, held + left, max(left, 0.0), data_cpus)
+    return left

@@ -22,6 +22,7 @@ from raysys.config import Config, from_dict, save_config
 from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
+from raysys.runtime import cpus_left
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
     datasets = build_datasets(cfg, split)
     use_gpu = t.gpus_per_worker > 0
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    cpus_left(t.workers * t.cpus_per_worker, cfg.data.decode_cpus, f"training ({t.workers} workers)")
     return TorchTrainer(
         train_loop,
         train_loop_config={

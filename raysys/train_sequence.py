@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -128,12 +128,11 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
     """The CNN's features and logits for every image of the split, as series items (training, validation).
 
     Images are read with the CNN's own windows and size (its meta.json), whatever the data section says."""
-    t = cfg.train
     index = pd.concat([split.train, split.val], ignore_index=True)
     ds = rdata.image_dataset(index, split.source, windows=cnn_meta["windows"], size=cnn_meta["image_size"],
                              with_labels=False, decode_cpus=cfg.data.decode_cpus,
                              neighbors=cnn_meta.get("neighbors", 0))
-    pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
+    pool = embedding_pool(cfg, ray.cluster_resources().get("CPU", 0.0))
     start = time.perf_counter()
     out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features}, pool,
                     len(index), "sequence: CNN embeddings")
@@ -149,6 +148,17 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
              "%s %.4f on the validation series", len(index), time.perf_counter() - start, len(items[0]),
              len(items[1]), SCORE, cnn_val[SCORE])
     return items[0], items[1]
+
+
+def embedding_pool(cfg: Config, cluster_cpus: float) -> InferenceConfig:
+    """The embedding actor pool: one actor per training worker with its resources (at least half a CPU each);
+    on CPUs, no more actors than leave a decode task room, or the actors would wait for images forever."""
+    t = cfg.train
+    pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
+    if pool.gpus_per_actor > 0:
+        return pool
+    fits = int((cluster_cpus - cfg.data.decode_cpus) // pool.cpus_per_actor)
+    return replace(pool, actors=max(1, min(pool.actors, fits)))
 
 
 def _series_dataset(items: list[dict], features: bool, workers: int) -> ray.data.Dataset:

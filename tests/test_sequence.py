@@ -88,3 +88,32 @@ def test_very_short_series(length):
     series = [{k: v[:length] for k, v in s.items()} for s in synthetic_series(2, seed=4)]
     out = score_series(model, series, torch.device("cpu"))
     assert [p.shape for p in out] == [(length, 6)] * 2 and all(np.isfinite(p).all() for p in out)
+
+
+@pytest.mark.parametrize(("workers", "cpus", "gpus", "expected"), [
+    (2, 0.5, 0, 2),  # the defaults: two half-CPU actors and 1 CPU left to decode
+    (2, 1.0, 0, 1),  # two whole-CPU actors would hold both CPUs and nothing would decode (it hung)
+    (4, 0.25, 0, 3),  # at least half a CPU each: 3 x 0.5 + 0.25 for decoding
+    (1, 2.0, 0, 1),  # one actor always, even where the cluster is too small (Ray then says it waits)
+    (2, 1.0, 1, 2),  # GPU actors hold no CPU the decode tasks need
+])
+def test_the_embedding_pool_leaves_a_cpu_for_decoding(workers, cpus, gpus, expected):
+    from raysys.config import Config
+    from raysys.train_sequence import embedding_pool
+
+    cfg = Config().replace(**{"train.workers": workers, "train.cpus_per_worker": cpus, "train.gpus_per_worker": gpus,
+                              "data.decode_cpus": 0.25})
+    pool = embedding_pool(cfg, cluster_cpus=2.0)
+    assert pool.actors == expected
+    assert pool.actors * (0 if gpus else pool.cpus_per_actor) + 0.25 <= 2.0 or pool.actors == 1
+
+
+def test_training_that_leaves_no_cpu_for_its_data_says_so(ray_session, caplog):
+    from raysys.runtime import cpus_left
+
+    with caplog.at_level("WARNING", logger="raysys.runtime"):
+        assert cpus_left(2 * 0.5, 0.25, "training (2 workers)") == pytest.approx(1.0)  # the defaults fit
+        assert not caplog.records
+        cpus_left(2 * 1.0, 0.25, "training (2 workers)")
+    assert len(caplog.records) == 1
+    assert "training (2 workers) takes 2 of the cluster's 2 CPUs" in caplog.text and "--cpus-per-worker" in caplog.text
