@@ -14,10 +14,17 @@ $(VENV)/.installed: pyproject.toml
 
 .venv: $(VENV)/.installed
 
+# A real browser for the viewer's tests: Debian's Chromium and its driver (offline: no download at test time).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(BROWSER):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
 demo: $(VENV)/.installed
 	$(BIN)/raysys demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
