@@ -23,6 +23,7 @@ from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 from raysys.runtime import cpus_left
+from raysys.tracking import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def train_loop(config: dict) -> None:
     if rank == 0 and start > 1:
         print(f"{tag} resuming at epoch {start} of {t.epochs}", flush=True)
     epoch_seconds = []
+    board = EpochLog(run_dir_for(cfg)) if rank == 0 else None
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
         batches = _shard(f"train_{epoch}", cfg, device)
@@ -231,9 +233,12 @@ def train_loop(config: dict) -> None:
                   f"{SCORE} {metrics[SCORE]:.4f}{flag}  {stats['train_images_per_s']:.1f} img/s/worker  "
                   f"epoch {epoch_seconds[-1]:.0f}s  checkpoint {time.perf_counter() - saving:.1f}s  ETA {eta:.0f}s",
                   flush=True)
+            board.write(metrics)
         else:
             ray.train.report(metrics)
         _maybe_fail(config["fail"], epoch, rank)
+    if board is not None:
+        board.close()
 
 
 def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:

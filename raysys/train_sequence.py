@@ -41,6 +41,7 @@ from raysys.sequence import (
     sigmoid,
     train_sequence_epoch,
 )
+from raysys.tracking import EpochLog
 from raysys.train import (
     SCORE,
     FitResult,
@@ -204,6 +205,7 @@ def sequence_loop(config: dict) -> None:
     start, history = _resume(model, optimizer, scheduler, read=_read_sequence_state)
     val = _rows(ray.train.get_dataset_shard("val")) if rank == 0 else None
     tag, epoch_seconds = f"[sequence {name}]", []
+    board = EpochLog(run_dir_for(cfg)) if rank == 0 else None
     for epoch in range(start, s.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
         seed = cfg.data.seed * 100_003 + epoch  # a new, reproducible series order each epoch
@@ -236,6 +238,9 @@ def sequence_loop(config: dict) -> None:
             print(f"{tag} epoch {epoch}/{s.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
                   f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_slices']} slices  epoch {epoch_seconds[-1]:.1f}s  "
                   f"ETA {eta:.0f}s", flush=True)
+            board.write(metrics)
+    if board is not None:
+        board.close()
 
 
 def _batches(shard, batch_size: int, seed: int):

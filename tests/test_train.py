@@ -71,3 +71,26 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     again = fit(_cfg(phantom, tmp_path, epochs=3))
     assert list(again.history["epoch"]) == [1, 2, 3]
     assert again.history["start_epoch"].iloc[-1] == 3
+
+    # TensorBoard, read back by TensorBoard's own reader: one point per epoch across the failure and the relaunch,
+    # equal to metrics.csv.
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    csv = pd.read_csv(run_dir / "metrics.csv")
+    for tag, column in (("loss/val", SCORE), ("loss/train", "train_loss"), ("lr", "lr"),
+                        ("val_log_loss/any", "val_log_loss_any")):
+        steps = sorted(scalars[tag])
+        assert steps == [1, 2, 3], tag
+        assert [scalars[tag][k] for k in steps] == pytest.approx(list(csv[column]), rel=1e-6), tag
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} over every event file in `folder` (a later file's point wins, as in TensorBoard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return out

@@ -1,0 +1,34 @@
+"""TensorBoard event files (raysys.tracking), read back with TensorBoard's own reader."""
+
+import math
+
+import pytest
+from test_train import tensorboard_scalars
+
+from raysys.labels import LABELS
+from raysys.tracking import TENSORBOARD_DIR, EpochLog
+
+
+def _metrics(epoch: int) -> dict:
+    return {"epoch": epoch, "train_loss": 1 / epoch, "val_weighted_log_loss": 0.5 / epoch, "lr": 1e-3 * 0.8 ** (epoch - 1),
+            "train_images_per_s": 100.0 + epoch, **{f"val_log_loss_{n}": 0.1 * epoch for n in LABELS},
+            **{f"val_auc_{n}": 0.5 + 0.01 * epoch for n in LABELS}, "val_auc_epidural": math.nan}
+
+
+def test_every_epoch_of_every_attempt_is_read_back_once(tmp_path):
+    first = EpochLog(str(tmp_path))  # a worker group that fails after epoch 1 never closes its log
+    first.write(_metrics(1))
+    second = EpochLog(str(tmp_path))  # the restarted group, within the same second
+    for epoch in (2, 3):
+        second.write(_metrics(epoch))
+    second.close()
+    scalars = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    assert sorted(scalars["loss/val"]) == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        expected = _metrics(epoch)
+        assert scalars["loss/train"][epoch] == pytest.approx(expected["train_loss"], rel=1e-6)
+        assert scalars["lr"][epoch] == pytest.approx(expected["lr"], rel=1e-6)
+        assert scalars["speed/images_per_s_per_worker"][epoch] == pytest.approx(expected["train_images_per_s"])
+        assert scalars["val_auc/any"][epoch] == pytest.approx(expected["val_auc_any"], rel=1e-6)
+    assert "val_auc/epidural" not in scalars  # NaN (no positive in validation) is left out, not written as NaN
+    assert {f"val_log_loss/{n}" for n in LABELS} <= set(scalars)
