@@ -162,37 +162,46 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train; the run directory gets metrics.csv, curves.png and index.html (the run as one page)."""
     from raysys.runtime import init_ray
     from raysys.train import SCORE, fit
 
     cfg = _config(args)
     init_ray(args.address)
-    _print_fit(fit(cfg), SCORE)
+    _print_fit(fit(cfg), SCORE, "train")
 
 
 def cmd_train_sequence(args: argparse.Namespace) -> None:
+    """Train the sequence stage; its run directory gets metrics.csv, curves.png and index.html, as train's."""
     from raysys.runtime import init_ray
     from raysys.train import SCORE
     from raysys.train_sequence import fit_sequence
 
     cfg = _config(args)
     init_ray(args.address)
-    _print_fit(fit_sequence(cfg), SCORE)
+    _print_fit(fit_sequence(cfg), SCORE, "train-sequence")
 
 
-def _print_fit(result, score: str) -> None:
-    """A finished run as one JSON line: where it is, its best checkpoint and score, the epochs run."""
+def _print_fit(result, score: str, command: str) -> None:
+    """A finished run's page (index.html in its run directory, one log line), then the run as one JSON line:
+    where it is, its best checkpoint and score, the epochs run."""
+    from raysys.report import run_page
+
+    log.info("report: %s", run_page(result, command))
     print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
                       score: result.best_metrics[score], "epochs": int(result.history["epoch"].max())}))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    """Sweep; the sweep directory gets trials.csv, sweep.png, best/ and index.html (the sweep as one page)."""
+    from raysys.report import sweep_page
     from raysys.runtime import init_ray
     from raysys.tune import sweep
 
     cfg = _config(args)
     init_ray(args.address)
     result = sweep(cfg, stage=args.stage)
+    log.info("report: %s", sweep_page(result, stage=args.stage))
     print(result.trials.drop(columns=["checkpoint"]).to_string(index=False))
     print(json.dumps({"sweep_dir": result.sweep_dir, "best": result.best_dir}))
 
@@ -213,14 +222,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Score labelled data; --out gets metrics.json, roc.png, calibration.png, errors.csv and index.html."""
     from raysys.config import InferenceConfig
     from raysys.predict import evaluate_predictions, predict_folder
+    from raysys.report import evaluate_page
     from raysys.runtime import init_ray
 
     cfg = _section(InferenceConfig, args, INFERENCE_FLAGS)
     init_ray(args.address)
     preds = predict_folder(args.checkpoint, args.data, cfg, run_dir=args.out)
     metrics = evaluate_predictions(preds, args.labels, args.checkpoint, args.out)
+    log.info("report: %s", evaluate_page(args.out, metrics, checkpoint=args.checkpoint, data=args.data))
     shown = {k: metrics[k] for k in ("n_images", "weighted_log_loss", "prior_weighted_log_loss")}
     if "cnn" in metrics:  # a sequence checkpoint: its CNN alone beside it
         shown["cnn_weighted_log_loss"] = metrics["cnn"]["weighted_log_loss"]
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-missing", action="store_true", help="fill unreadable/missing images with the prior")
     p.set_defaults(func=cmd_predict)
 
-    p = inference_parser("evaluate", "metrics.json, roc.png and calibration.png on labelled data")
+    p = inference_parser("evaluate", "metrics.json, roc.png, calibration.png and index.html on labelled data")
     p.add_argument("--labels", required=True)
     p.add_argument("--out", default="evaluation", help="report folder")
     p.set_defaults(func=cmd_evaluate)

@@ -2,7 +2,7 @@
 
 Stages: synthesize -> start Ray -> Tune sweep of Ray Train runs (the CNN) -> the sequence stage on the best
 CNN's outputs (Ray Data embeddings, Ray Train BiGRU) -> batch inference + evaluation of both stages on held-out
-studies -> Serve + real HTTP requests -> report.
+studies -> Serve + real HTTP requests -> report (report/index.html: every figure and metric on one page).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
         answers = serve_and_ask(best, test, HTTP_REQUESTS)
 
     with stage(7, total, "report folder"):
-        write_report(report_dir, result, sequence, test, answers, best_cnn)
+        write_report(report_dir, result, sequence, train, test, answers, best_cnn, metrics)
 
     summary = {
         "held_out_weighted_log_loss": metrics["weighted_log_loss"],
@@ -209,10 +209,13 @@ def ask_series(url: str, test: pd.DataFrame) -> None:
     print(f"   series maxima: {format_probabilities(maxima, rows[list(LABELS)].max().to_numpy())}")
 
 
-def write_report(report_dir: Path, result, sequence, test: pd.DataFrame, answers: list[dict], best_cnn: Path) -> None:
+def write_report(report_dir: Path, result, sequence, train: pd.DataFrame, test: pd.DataFrame, answers: list[dict],
+                 best_cnn: Path, metrics: dict) -> None:
+    """Beside evaluate's metrics.json, roc.png and calibration.png: both stages' curves, the sweep, one held-out
+    slice's preview, and index.html, the run as one page that opens from disk."""
     from raysys.model import read_meta
     from raysys.presets import dicom_to_image
-    from raysys.report import curves, preview
+    from raysys.report import Table, curves, evaluation_figures, preview, trials_table, write_index
     from raysys.windowing import parse_windows
 
     meta = read_meta(best_cnn)
@@ -224,5 +227,30 @@ def write_report(report_dir: Path, result, sequence, test: pd.DataFrame, answers
     image, _ = dicom_to_image(shown["path"], meta["windows"], 256)
     preview(report_dir / "preview.png", image, parse_windows(meta["windows"]), title=shown["image_id"],
             caption="predicted(true): " + format_probabilities(shown["probabilities"], shown["truth"]))
+
+    top = result.trials[result.trials["checkpoint"].astype(bool)].iloc[0]
+    facts = {"command": "raysys demo", "training slices": _slices(train), "held-out slices": _slices(test),
+             "image size": f"{meta['image_size']} px", "windows": meta["windows"], "trials": len(result.trials),
+             "best CNN": f"trial {top['trial']}: lr {top['lr']:.3g}, decay {top['decay']:.3f}, epoch {meta['epoch']}",
+             "sequence stage": f"best epoch {sequence.best_metrics['epoch']} of {int(sequence.history['epoch'].max())}"}
+    served = Table("Ray Serve answers: held-out slices sent over HTTP", ["image id", *LABELS],
+                   [[a["image_id"], *(f"{p:.2f} ({int(t)})" for p, t in zip(a["probabilities"], a["truth"]))]
+                    for a in answers], note="Predicted probability (true label) per label.")
+    write_index(report_dir, "raysys demo", facts=facts, metrics=metrics,
+                metrics_title="Held-out studies: the sequence stage beside its CNN alone",
+                tables=[trials_table(result.trials), served],
+                figures=[("curves.png", "Best CNN trial: training loss and validation weighted log loss per epoch."),
+                         ("sequence_curves.png", "Sequence stage (BiGRU over each series): training loss and "
+                                                 "validation weighted log loss per epoch."),
+                         ("sweep.png", "Ray Tune sweep: best validation weighted log loss of each trial against "
+                                       "its learning rate, coloured by its per-epoch decay."),
+                         *evaluation_figures(),
+                         ("preview.png", "The first held-out slice sent to the endpoint, in the checkpoint's "
+                                         "windows, with the service's probabilities and the true labels.")],
+                files=["metrics.json"])
     for name in sorted(p.name for p in report_dir.iterdir()):
         print(f"   {report_dir / name}")
+
+
+def _slices(frame: pd.DataFrame) -> str:
+    return f"{len(frame)} from {frame['patient_id'].nunique()} patients, {int(frame['any'].sum())} with a bleed"
