@@ -1,0 +1,116 @@
+"""Object storage for real: a cache, runs, a sweep and a served checkpoint in an S3 bucket on a real S3-compatible
+server (moto's, on 127.0.0.1; see the s3_endpoint fixture), through the `raysys` CLI as a user runs it."""
+
+import io
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+from test_cli import TINY, _run
+
+from raysys.engine import infer
+from raysys.labels import LABELS
+from raysys.model import load_checkpoint
+from raysys.presets import dicom_to_image
+from raysys.testing import free_port, small_phantom, wait_healthy
+
+pytestmark = pytest.mark.slow
+BUCKET = "raysys-test"
+
+
+def _keys(prefix: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _read(key: str) -> bytes:
+    return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def _download(prefix: str, to: Path) -> Path:
+    """The objects under `prefix`/ as files under `to` (directory marker objects skipped)."""
+    for key in _keys(prefix.rstrip("/") + "/"):
+        if key.endswith("/"):
+            continue
+        target = to / key[len(prefix.rstrip("/")) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(_read(key))
+    return to
+
+
+@pytest.fixture(scope="module")
+def bucket_run(ray_session, tmp_path_factory):
+    """`raysys prepare` into the bucket, then `raysys train` reading that cache and checkpointing to the bucket."""
+    root = tmp_path_factory.mktemp("s3")
+    frame = small_phantom(root / "data", studies=6, seed=21)
+    code, log, _ = _run(["prepare", "--data", str(root / "data" / "dicoms"), "--labels", str(root / "data" / "labels.csv"),
+                         "--image-size", "80", "--out", f"s3://{BUCKET}/cache"], root, ray_session)
+    assert code == 0, log[-3000:]
+    cache = ["--data", f"s3://{BUCKET}/cache", "--labels", f"s3://{BUCKET}/cache/labels.csv"]
+    code, log, _ = _run(["train", *cache, "--storage-path", f"s3://{BUCKET}/runs", "--name", "run", "--epochs", "2",
+                         "--workers", "1", *TINY], root, ray_session)
+    assert code == 0, log[-3000:]
+    return {"root": root, "frame": frame, "cache": cache, "log": log}
+
+
+def test_prepare_writes_the_cache_to_the_bucket_and_train_reads_it(bucket_run):
+    keys = _keys("cache/")
+    assert any(k.endswith(".parquet") for k in keys) and "cache/labels.csv" in keys
+    frame = bucket_run["frame"]
+    # Every slice is in the cache: the index in the bucket lists the phantom's image ids.
+    split = pd.read_csv(io.BytesIO(_read("runs/run/split.csv")))
+    assert sorted(split["image_id"]) == sorted(frame.index)
+
+
+def test_train_checkpoints_metrics_and_tensorboard_land_in_the_bucket(bucket_run):
+    keys = _keys("runs/run/")
+    metrics = pd.read_csv(io.BytesIO(_read("runs/run/metrics.csv")))
+    assert list(metrics["epoch"]) == [1, 2]
+    assert sum(k.endswith("/model.pt") for k in keys) >= 1 and any("/tensorboard/events.out.tfevents." in k for k in keys)
+    assert {"runs/run/config.yaml", "runs/run/curves.png", "runs/run/errors.csv"} <= set(keys)
+
+
+def test_tune_resumes_a_sweep_from_the_bucket(ray_session, bucket_run):
+    root, cache = bucket_run["root"], bucket_run["cache"]
+    sweep = ["tune", *cache, "--storage-path", f"s3://{BUCKET}/sweeps", "--name", "sw", "--num-samples", "2",
+             "--max-epochs", "1", "--grace-period", "1", "--workers", "1", *TINY]
+    code, log, _ = _run(sweep, root, ray_session)
+    assert code == 0, log[-3000:]
+    trials = pd.read_csv(io.BytesIO(_read("sweeps/sw/trials.csv")))
+    assert len(trials) == 2 and (trials["epochs_run"] == 1).all()
+    # Launched again with the same name: the sweep is restored from the bucket, no trial trains again.
+    code, again, _ = _run(sweep, root, ray_session)
+    assert code == 0, again[-3000:]
+    assert "[train " not in again, again[-3000:]
+    assert pd.read_csv(io.BytesIO(_read("sweeps/sw/trials.csv")))["trial"].tolist() == trials["trial"].tolist()
+    assert "sweeps/sw/best/model.pt" in _keys("sweeps/sw/best/")
+
+
+def test_serve_loads_its_checkpoint_from_the_bucket(ray_session, bucket_run, tmp_path):
+    from ray import serve
+
+    from raysys.serve import build_app
+
+    (best,) = {k.rsplit("/", 1)[0] for k in _keys("runs/run/") if k.endswith("/model.pt")
+               and json.loads(_read(k.rsplit("/", 1)[0] + "/meta.json"))["epoch"] == 2}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(f"s3://{BUCKET}/{best}"), name="s3", route_prefix="/s3", blocking=False)
+        wait_healthy(f"http://127.0.0.1:{port}/s3")
+        path = bucket_run["root"] / "data" / "dicoms" / f"{bucket_run['frame'].index[0]}.dcm"
+        answer = requests.post(f"http://127.0.0.1:{port}/s3/v1/predict", data=path.read_bytes(),
+                               headers={"Content-Type": "application/dicom"}, timeout=60).json()
+    finally:
+        serve.shutdown()
+    # Independently: the same checkpoint fetched with boto3 and scored here.
+    local = load_checkpoint(str(_download(best, tmp_path / "checkpoint")))
+    image, _ = dicom_to_image(str(path), local.meta["windows"], local.meta["image_size"])
+    expected = infer(local.model, image[None], torch.device("cpu"))[0]
+    got = np.array([answer["probabilities"][name] for name in LABELS])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
