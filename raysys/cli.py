@@ -40,6 +40,8 @@ RECIPE_FLAGS = {
     "--max-failures": ("train.max_failures", int, "worker-group restarts"),
     "--amp": ("train.amp", str, "training step precision: auto, bf16 or off"),
     "--max-steps-per-epoch": ("train.max_steps_per_epoch", int, "cap steps per epoch (smoke tests)"),
+    "--mlflow-uri": ("train.mlflow_uri", str, "MLflow tracking URI or folder (pip install 'raysys[mlflow]')"),
+    "--mlflow-experiment": ("train.mlflow_experiment", str, "MLflow experiment name"),
 }
 PREPARE_FLAGS = {flag: RECIPE_FLAGS[flag] for flag in
                  ("--data", "--labels", "--windows", "--image-size", "--max-error-fraction")}
@@ -60,7 +62,8 @@ SEQUENCE_FLAGS = {
     "--checkpoint": ("sequence.cnn", str, "the trained CNN checkpoint directory or URI (a run's or sweep's best)"),
     **{flag: RECIPE_FLAGS[flag] for flag in ("--data", "--labels", "--val-fraction", "--folds", "--fold", "--seed",
                                              "--max-error-fraction", "--workers", "--gpus-per-worker",
-                                             "--cpus-per-worker", "--storage-path", "--name", "--max-failures")},
+                                             "--cpus-per-worker", "--storage-path", "--name", "--max-failures",
+                                             "--mlflow-uri", "--mlflow-experiment")},
     "--epochs": ("sequence.epochs", int, "passes over the training series"),
     "--lr": ("sequence.lr", float, "AdamW learning rate"),
     "--decay": ("sequence.decay", float, "per-epoch learning-rate decay"),

@@ -116,9 +116,13 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best k by validation weighted log loss
     amp: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16" forces it; "off"
     max_steps_per_epoch: int = 0  # 0 = a full pass; > 0 caps steps (smoke tests)
+    mlflow_uri: str = ""  # MLflow tracking URI (http://..., sqlite:///..., a folder): params, epochs, best checkpoint
+    mlflow_experiment: str = "raysys"  # the MLflow experiment runs and sweep trials go to
 
     def __post_init__(self) -> None:
         _resolve_fields(self, "storage_path")
+        if self.mlflow_uri and "://" not in self.mlflow_uri and not self.mlflow_uri.startswith("databricks"):
+            _resolve_fields(self, "mlflow_uri")  # a plain folder: MLflow's file store, made absolute here
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise ValueError(f"train.epochs, batch_size and workers must be >= 1, "
                              f"got {self.epochs}, {self.batch_size}, {self.workers}")

@@ -71,3 +71,88 @@ class EpochLog:
         self._writer.close()
         if self._remote:
             self._scratch.cleanup()
+
+
+# --- MLflow (optional: pip install 'raysys[mlflow]') -------------------------------------------------------------
+
+RUN_DIR_TAG = "raysys.run_dir"  # finds a run's MLflow run again when it is relaunched or resumed
+RECIPE_SECTIONS = ("data", "augment", "model", "train", "sequence")
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # mlflow.start_run() continues this run (how workers join the driver's run)
+
+
+def mlflow_module(uri: str = ""):
+    """The mlflow module (a clear message when the extra is missing). For a folder (MLflow's file store, which
+    MLflow 3 refuses unless asked), MLFLOW_ALLOW_FILE_STORE is set: the user asked for exactly that."""
+    import os
+
+    from raysys.config import InputError
+
+    if uri and ("://" not in uri or uri.startswith("file://")):
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        import mlflow
+    except ImportError:
+        raise InputError("--mlflow-uri needs MLflow: pip install 'raysys[mlflow]'") from None
+    return mlflow
+
+
+def recipe_params(cfg) -> dict[str, str]:
+    """The run's recipe as MLflow params: every config value of the training sections, `section.key` -> text."""
+    params = {}
+    for section, values in cfg.to_dict().items():
+        if section in RECIPE_SECTIONS:
+            params.update({f"{section}.{key}": str(value) for key, value in values.items()})
+    return params
+
+
+def mlflow_run(cfg, run_dir: str) -> str | None:
+    """On the driver, before training: the MLflow run of this raysys run (created with the recipe as params, or found
+    again by its run folder when the run is relaunched), or None without train.mlflow_uri."""
+    t = cfg.train
+    if not t.mlflow_uri:
+        return None
+    mlflow = mlflow_module(t.mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=t.mlflow_uri)
+    experiment = client.get_experiment_by_name(t.mlflow_experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(t.mlflow_experiment)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=t.name, tags={RUN_DIR_TAG: run_dir})
+    params = [mlflow.entities.Param(k, v) for k, v in recipe_params(cfg).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id
+
+
+def worker_mlflow(cfg, run_id: str | None):
+    """In a Train worker: Ray's setup_mlflow joined to the driver's run (rank 0 logs, the others get a no-op
+    module), or None when the run is not tracked."""
+    if run_id is None:
+        return None
+    import os
+
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    os.environ[RUN_ID_ENV] = run_id
+    mlflow_module(cfg.train.mlflow_uri)
+    return setup_mlflow(tracking_uri=cfg.train.mlflow_uri, experiment_name=cfg.train.mlflow_experiment)
+
+
+def log_epoch(mlflow, metrics: dict) -> None:
+    """One epoch's numbers (the TensorBoard scalars, under their metrics names) at step = epoch."""
+    if mlflow is None:
+        return
+    values = {key: float(metrics[key]) for key in TAGS if metrics.get(key) is not None and math.isfinite(float(metrics[key]))}
+    mlflow.log_metrics(values, step=int(metrics["epoch"]))
+
+
+def finish_mlflow(cfg, run_id: str | None, best_checkpoint: str) -> None:
+    """On the driver, after training: the best checkpoint as the run's artifact `best_checkpoint/`, run ended."""
+    if run_id is None:
+        return
+    from raysys import storage
+
+    client = mlflow_module(cfg.train.mlflow_uri).MlflowClient(tracking_uri=cfg.train.mlflow_uri)
+    client.log_artifacts(run_id, str(storage.local_dir(best_checkpoint)), artifact_path="best_checkpoint")
+    client.set_terminated(run_id)

@@ -23,7 +23,7 @@ from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 from raysys.runtime import cpus_left
-from raysys.tracking import EpochLog
+from raysys.tracking import EpochLog, finish_mlflow, log_epoch, mlflow_run, worker_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,10 @@ def fit_split(cfg: Config, split: Split, backbone: ray.ObjectRef | None, callbac
     run_dir = run_dir_for(cfg)
     save_config(cfg, run_dir)
     split.save(run_dir)
-    result = build_trainer(cfg, split, callbacks, backbone).fit()
-    return finish(run_dir, result)
+    tracked = mlflow_run(cfg, run_dir)
+    result = finish(run_dir, build_trainer(cfg, split, callbacks, backbone, tracked).fit())
+    finish_mlflow(cfg, tracked, result.best_checkpoint)
+    return result
 
 
 def build_datasets(cfg: Config, split: Split) -> dict:
@@ -137,7 +139,7 @@ def build_datasets(cfg: Config, split: Split) -> dict:
 
 
 def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
-                  backbone: ray.ObjectRef | None = None) -> TorchTrainer:
+                  backbone: ray.ObjectRef | None = None, mlflow_run_id: str | None = None) -> TorchTrainer:
     t = cfg.train
     datasets = build_datasets(cfg, split)
     use_gpu = t.gpus_per_worker > 0
@@ -148,6 +150,7 @@ def build_trainer(cfg: Config, split: Split, callbacks: list | None = None,
         train_loop_config={
             "cfg": cfg.to_dict(),
             "backbone": backbone,
+            "mlflow_run_id": mlflow_run_id,
             "logit_offset": rdata.balance_logit_offset(split.train, cfg.data.neg_ratio).tolist(),
             "label_prior": split.train[list(LABELS)].mean().tolist(),  # fills images predict cannot read
             "fail": os.environ.get(FAIL_ENV, ""),
@@ -198,6 +201,7 @@ def train_loop(config: dict) -> None:
         print(f"{tag} resuming at epoch {start} of {t.epochs}", flush=True)
     epoch_seconds = []
     board = EpochLog(run_dir_for(cfg)) if rank == 0 else None
+    mlflow = worker_mlflow(cfg, config.get("mlflow_run_id"))
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
         batches = _shard(f"train_{epoch}", cfg, device)
@@ -234,6 +238,7 @@ def train_loop(config: dict) -> None:
                   f"epoch {epoch_seconds[-1]:.0f}s  checkpoint {time.perf_counter() - saving:.1f}s  ETA {eta:.0f}s",
                   flush=True)
             board.write(metrics)
+            log_epoch(mlflow, metrics)
         else:
             ray.train.report(metrics)
         _maybe_fail(config["fail"], epoch, rank)

@@ -41,7 +41,7 @@ from raysys.sequence import (
     sigmoid,
     train_sequence_epoch,
 )
-from raysys.tracking import EpochLog
+from raysys.tracking import EpochLog, finish_mlflow, log_epoch, mlflow_run, worker_mlflow
 from raysys.train import (
     SCORE,
     FitResult,
@@ -99,9 +99,11 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
     save_config(cfg, run_dir)
     data.split.save(run_dir)
     features = data.train[0]["features"].shape[1] if s.features else 0
+    tracked = mlflow_run(cfg, run_dir) if export else None  # a sweep's trials are tracked by the sweep
     trainer = TorchTrainer(
         sequence_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "features": features, "cnn": data.cnn, "cnn_meta": data.cnn_meta},
+        train_loop_config={"cfg": cfg.to_dict(), "features": features, "cnn": data.cnn, "cnn_meta": data.cnn_meta,
+                           "mlflow_run_id": tracked},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}),
@@ -120,6 +122,7 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
     if not export:
         return result
     best = export_sequence(result.best_checkpoint, storage.join(run_dir, BEST_DIR))
+    finish_mlflow(cfg, tracked, best)
     log.info("sequence stage: best checkpoint %s (epoch %d, %s %.4f)", best, result.best_metrics["epoch"], SCORE,
              result.best_metrics[SCORE])
     return FitResult(run_dir=run_dir, best_checkpoint=best, best_metrics=result.best_metrics, history=result.history)
@@ -206,6 +209,7 @@ def sequence_loop(config: dict) -> None:
     val = _rows(ray.train.get_dataset_shard("val")) if rank == 0 else None
     tag, epoch_seconds = f"[sequence {name}]", []
     board = EpochLog(run_dir_for(cfg)) if rank == 0 else None
+    mlflow = worker_mlflow(cfg, config.get("mlflow_run_id"))
     for epoch in range(start, s.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
         seed = cfg.data.seed * 100_003 + epoch  # a new, reproducible series order each epoch
@@ -239,6 +243,7 @@ def sequence_loop(config: dict) -> None:
                   f"{SCORE} {metrics[SCORE]:.4f}  {stats['train_slices']} slices  epoch {epoch_seconds[-1]:.1f}s  "
                   f"ETA {eta:.0f}s", flush=True)
             board.write(metrics)
+            log_epoch(mlflow, metrics)
     if board is not None:
         board.close()
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import pandas as pd
 import ray
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from raysys import storage
 from raysys.config import Config, SweepConfig, from_dict, save_config
 from raysys.model import read_meta
 from raysys.sequence import export_sequence
+from raysys.tracking import RUN_DIR_TAG, mlflow_module, recipe_params
 from raysys.train import SCORE, Split, fit_split, load_split, put_backbone
 from raysys.train_sequence import SeriesData, fit_series, prepare_series
 
@@ -143,13 +145,14 @@ def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
     epochs = "sequence.epochs" if stage == "sequence" else "train.epochs"
     cfg = cfg.replace(**{epochs: s.max_epochs, "train.storage_path": storage.join(sweep_dir, "trials"),
                          **({"train.workers": s.workers_per_trial} if s.workers_per_trial else {})})
+    tracked, cfg = cfg, cfg.replace(**{"train.mlflow_uri": ""})  # trials are tracked by the sweep's Tune callback
     if stage == "sequence":
-        save_config(cfg, sweep_dir)
+        save_config(tracked, sweep_dir)
         series = prepare_series(cfg, sweep_dir)  # once: every trial trains on the same CNN outputs
         trial = tune.with_parameters(run_sequence_trial, base=cfg.to_dict(), series=series)
     else:
         backbone = put_backbone(cfg)  # once, on this driver, before any data is scanned or trial started
-        save_config(cfg, sweep_dir)
+        save_config(tracked, sweep_dir)
         split = load_split(cfg, sweep_dir)  # once for all trials: they share data, split and errors.csv
         trial = tune.with_parameters(run_trial, base=cfg.to_dict(), split=split, backbone=backbone)
     # The trial driver only waits on its Train run; its CPU goes to decoding.
@@ -177,7 +180,7 @@ def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
                 search_alg=tune.search.BasicVariantGenerator(random_state=s.seed,
                                                              max_concurrent=max_concurrent_trials(cfg)),
             ),
-            run_config=_tune_run_config(sweep_dir, s),
+            run_config=_tune_run_config(sweep_dir, s, _mlflow_callbacks(tracked, sweep_dir)),
         )
     grid = tuner.fit()
     trials = trials_table(grid, s.max_epochs, sweep_dir)
@@ -186,17 +189,55 @@ def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
 
     sweep_plot(storage.join(sweep_dir, "sweep.png"), trials, score=SCORE)
     best_dir = export_best(trials, storage.join(sweep_dir, BEST_DIR), sequence=stage == "sequence")
+    _log_best_to_mlflow(tracked, sweep_dir, trials[trials["checkpoint"].astype(bool)].iloc[0]["trial"], best_dir)
     log.info("best checkpoint: %s", best_dir)
     return SweepResult(sweep_dir=sweep_dir, best_dir=best_dir, trials=trials)
 
 
-def _tune_run_config(sweep_dir: str, s: SweepConfig) -> tune.RunConfig:
+def _tune_run_config(sweep_dir: str, s: SweepConfig, tracking: list) -> tune.RunConfig:
     return tune.RunConfig(
         name="tuner", storage_path=sweep_dir,
         failure_config=tune.FailureConfig(max_failures=s.max_trial_failures),
         verbose=0,  # no redrawn status tables: TrialLog writes one line per trial event
-        callbacks=[TrialLog()],
+        callbacks=[TrialLog(), *tracking],
     )
+
+
+class RecipeMLflowLogger(MLflowLoggerCallback):
+    """Ray Tune's MLflow logger (one MLflow run per trial: its lr and decay, its metrics per epoch), with the sweep's
+    recipe (the config every trial shares) added to each trial's params."""
+
+    def __init__(self, recipe: dict[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self.recipe = recipe
+
+    def log_trial_start(self, trial) -> None:
+        super().log_trial_start(trial)
+        self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=self.recipe)
+
+
+def _mlflow_callbacks(cfg: Config, sweep_dir: str) -> list:
+    t = cfg.train
+    if not t.mlflow_uri:
+        return []
+    mlflow_module(t.mlflow_uri)  # a clear message when MLflow is not installed
+    return [RecipeMLflowLogger(recipe_params(cfg), tracking_uri=t.mlflow_uri, experiment_name=t.mlflow_experiment,
+                               tags={RUN_DIR_TAG: sweep_dir})]
+
+
+def _log_best_to_mlflow(cfg: Config, sweep_dir: str, trial: str, best_dir: str) -> None:
+    """The exported best checkpoint as the artifact `best_checkpoint/` of its trial's MLflow run."""
+    if not cfg.train.mlflow_uri:
+        return
+    client = mlflow_module(cfg.train.mlflow_uri).MlflowClient(tracking_uri=cfg.train.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.train.mlflow_experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1, filter_string=(
+        f"tags.`{RUN_DIR_TAG}` = '{sweep_dir}' and tags.trial_name LIKE '%{trial}'"))
+    if not runs:
+        log.warning("MLflow: no run of trial %s in experiment %s; the best checkpoint is not logged there", trial,
+                    cfg.train.mlflow_experiment)
+        return
+    client.log_artifacts(runs[0].info.run_id, str(storage.local_dir(best_dir)), artifact_path="best_checkpoint")
 
 
 def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:

@@ -59,6 +59,7 @@ def ray_session(s3_endpoint):
     from raysys.runtime import init_ray
 
     # The dashboard stays on: Train V2 cleans up the placement groups of stopped runs through the state API.
-    init_ray(num_cpus=2, log_to_driver=False, object_store_memory=1_500_000_000)
+    # address "local": always a new cluster of our own, never one a `ray start` left in /tmp/ray/ray_current_cluster.
+    init_ray("local", num_cpus=2, log_to_driver=False, object_store_memory=1_500_000_000)
     yield ray
     ray.shutdown()

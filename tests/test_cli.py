@@ -65,7 +65,7 @@ def test_tune_with_relative_paths_from_another_working_directory(ray_session, on
     data = os.path.relpath(one_bleeding_patient / "data", work)
     code, log, _ = _run(["tune", "--data", f"{data}/dicoms", "--labels", f"{data}/labels.csv",
                          "--storage-path", "sweeps", "--name", "rel", "--num-samples", "1", "--max-epochs", "1",
-                         "--workers-per-trial", "1", *TINY], work, ray_session)
+                         "--workers-per-trial", "1", "--mlflow-uri", "mlruns", *TINY], work, ray_session)
     assert code == 0, log[-3000:]
     sweep = work / "sweeps" / "rel"
     trials = pd.read_csv(sweep / "trials.csv")
@@ -73,6 +73,26 @@ def test_tune_with_relative_paths_from_another_working_directory(ray_session, on
     assert (sweep / "best" / "model.pt").is_file() and (sweep / "trials" / trials["trial"][0] / "metrics.csv").is_file()
     assert len(re.findall(r"trial \w+ started", log)) == 1 and len(re.findall(r"trial \w+ ended", log)) == 1
     assert not ESCAPES.search(log) and "Trial status" not in log and "Configuration for experiment" not in log
+
+    # MLflow (a relative folder, resolved where the command started): the trial's run through Ray Tune's MLflow
+    # logger, with the recipe and the trial's lr/decay as params, its epochs, and the best checkpoint as artifact.
+    client = mlflow_client(work / "mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("raysys").experiment_id])
+    params = run.data.params
+    assert float(params["lr"]) == pytest.approx(trials["lr"][0]) and float(params["decay"]) == pytest.approx(trials["decay"][0])
+    assert params["data.image_size"] == "80" and params["train.batch_size"] == "4"
+    history = client.get_metric_history(run.info.run_id, "val_weighted_log_loss")
+    assert [m.value for m in history] == pytest.approx([trials["best_val_weighted_log_loss"][0]])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
+        "best_checkpoint/model.pt", "best_checkpoint/meta.json"}
+
+
+def mlflow_client(folder: Path):
+    """MLflow's own client on a file store (MLflow 3 asks for MLFLOW_ALLOW_FILE_STORE to read one)."""
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=str(folder))
 
 
 @pytest.mark.parametrize("weights, message", [

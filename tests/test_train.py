@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_cli import mlflow_client
 
 from raysys import data as rdata
 from raysys.config import Config
@@ -34,7 +35,7 @@ def _cfg(phantom, tmp_path, epochs):
         "model.weights": "none",
         "train.epochs": epochs, "train.batch_size": 4, "train.workers": 2, "train.lr": 1e-3, "train.decay": 0.5,
         "train.storage_path": str(tmp_path / "runs"), "train.name": "t", "train.max_steps_per_epoch": 3,
-        "train.max_failures": 1,
+        "train.max_failures": 1, "train.mlflow_uri": str(tmp_path / "mlruns"), "train.mlflow_experiment": "fit",
     })
 
 
@@ -81,6 +82,18 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
         steps = sorted(scalars[tag])
         assert steps == [1, 2, 3], tag
         assert [scalars[tag][k] for k in steps] == pytest.approx(list(csv[column]), rel=1e-6), tag
+
+    # MLflow, read back with MLflow's client: one run across the failure and the relaunch, the recipe as params,
+    # each epoch once, the best checkpoint as its artifact.
+    client = mlflow_client(tmp_path / "mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("fit").experiment_id])
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.decay"] == "0.5"
+    assert run.data.params["data.image_size"] == str(SIZE) and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, SCORE)
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(csv[SCORE]), rel=1e-6)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    assert {"best_checkpoint/model.pt", "best_checkpoint/meta.json"} <= artifacts
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
