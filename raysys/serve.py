@@ -1,8 +1,11 @@
 """Ray Serve: an HTTP endpoint that scores CT slices with a checkpoint; build_app(checkpoint).
 
 POST /v1/predict  DICOM as the raw body (Content-Type: application/dicom) or multipart file(s)
+POST /v1/explain  the same bodies: predict's probabilities plus heat maps and the windowed input, as PNGs
 GET  /v1/model    stage ("cnn" or "sequence"), labels, windows, image size and validation metrics of the checkpoint
 GET  /healthz     200 once the model is loaded
+GET  /            the viewer (raysys/viewer/index.html); GET /viewer/NAME its other files (no token: the page
+                  asks for the token and sends it with its API calls)
 
 Preprocessing is the checkpoint's own (windows, size, label order from meta.json,
 through the same presets as training). Responses and logs carry the image id
@@ -33,6 +36,23 @@ A 2.5D checkpoint (meta.json `neighbors` n > 0) reads each slice between its n n
 they come from the same request's slices of its series, ordered as above; past a series' end or
 across a gap the slice itself stands in, so a lone slice is scored as itself repeated.
 
+/v1/explain takes what /v1/predict takes (same limits, token and errors) and answers per slice
+
+    {image_id, probabilities, heatmaps: {label: PNG}, windows: [{name, center, width, png: PNG}, ...],
+     size: S, explain: {method, layer}}
+
+PNG: a base64 8-bit grayscale PNG of S x S pixels, S the checkpoint's image size. heatmaps: where the CNN
+found evidence for each label (raysys.explain.explain at its default layer and method, which the answer's
+`explain` names; each map scaled to [0, 1] by its own peak, all zeros without positive evidence). windows:
+the model input's channels, one per checkpoint window (a 2.5D checkpoint: the slice's own, the middle of its
+stack). A raw body gets that object plus model and latency_ms; a multipart body {"results": [one per part,
+in part order], "model", "latency_ms"}. The probabilities are predict's: for a CNN checkpoint they come from
+the heat maps' forward pass, which is predict's computation (raysys.explain). For a sequence checkpoint the
+answer is predict's sequence answer (slice order, series, slice, cnn_probabilities, the series list) with
+heatmaps, windows, size and explain added to each slice; its heat maps explain the CNN's per-slice evidence
+(cnn_probabilities), not the GRU's reading of the series. Heat maps need a backward pass per label: on CPU
+an explained slice costs several forward passes (benchmarks/explain_latency.py).
+
 Hostile input costs the sender, not the other clients: decoding runs in a thread pool
 sized to the replica's CPUs, never on the event loop that answers /healthz, and bodies over
 SMALL_BODY (larger than any real slice) have a lane of their own; bodies over
@@ -42,11 +62,13 @@ gets the 413 JSON rather than a reset connection; a multipart body holds at most
 
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -55,7 +77,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from raysys import storage
@@ -68,6 +90,9 @@ DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to this many time
 PARSE_CHUNK = 64 * 1024  # multipart bodies are parsed in pieces, yielding the event loop between them
 GIL_SWITCH_S = 0.00025  # see __init__
 SMALL_BODY = 4 * 1024 * 1024  # every real slice fits (1024 x 1024 x 16 bit is 2 MiB): it never queues behind a larger one
+VIEWER_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
+                ".json": "application/json", ".ico": "image/x-icon"}  # the viewer files served; others are 404
 
 api = FastAPI(title="raysys", description="Intracranial hemorrhage probabilities for head-CT DICOM slices")
 
@@ -80,6 +105,18 @@ class RequestError(Exception):
 
 def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def _refused(endpoint: str, error: RequestError) -> JSONResponse:
+    log.info("%s rejected: %s %s", endpoint, error.status, error.message)
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+def _b64_png(image: np.ndarray) -> str:
+    """A (S, S) array (uint8, or floats in [0, 1]) as base64 text of an 8-bit grayscale PNG."""
+    from raysys.explain import png
+
+    return base64.b64encode(png(image)).decode("ascii")
 
 
 async def _multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
@@ -183,6 +220,10 @@ class HemorrhageService:
         self.stage = "cnn" if self.gru is None else "sequence"
         self.neighbors = self.meta.get("neighbors", 0)  # 2.5D: slices on each side, taken from the request
         self.windows, self.size = self.meta["windows"], self.meta["image_size"]
+        from raysys.windowing import format_windows, parse_windows
+
+        # /v1/explain names each input channel: a preset's name, else CENTER/WIDTH
+        self.window_names = [(format_windows([w]), w) for w in parse_windows(self.windows)]
         self.checkpoint_info = {"checkpoint": checkpoint.rstrip("/").rsplit("/", 1)[-1], "epoch": self.meta["epoch"],
                                 "val_weighted_log_loss": self.meta["metrics"].get("val_weighted_log_loss")}
         if self.gru is not None:  # a CNN checkpoint's answers stay exactly as they were
@@ -200,13 +241,20 @@ class HemorrhageService:
         self.large_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-large")
         self._turn: asyncio.Event | None = None
         self._in_turn = 0
-        self.batching = {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "batches": 0, "images": 0}
-        self.infer.set_max_batch_size(max_batch_size)
-        self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        # One model pass at a time: `embed` and `explain` hook the model's modules, and a hook sees every thread's pass.
+        self._model_lock = threading.Lock()
+        self.batching = {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "batches": 0, "images": 0,
+                         "explain_batches": 0, "explain_images": 0}
+        for batched in (self.infer, self.explain_batch):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        from importlib import resources
 
-    async def score(self, images: list[np.ndarray]) -> list:
-        """The forward pass's output (see `infer`) for each of a request's preprocessed images, batched with
-        other requests.
+        self.viewer = resources.files("raysys") / "viewer"  # the web page's files, shipped as package data
+
+    async def score(self, images: list[np.ndarray], batched=None) -> list:
+        """`batched`'s output (default `infer`, the forward pass) for each of a request's preprocessed images,
+        batched with other requests.
 
         Serve forms the next batch as soon as the previous one is formed, not when the model is free,
         so under load it would queue many small batches behind a busy model. Requests therefore take
@@ -214,6 +262,7 @@ class HemorrhageService:
         queue together when that group is done. An idle service adds no wait; a cancelled request
         still ends its group's turn.
         """
+        batched = batched or self.infer
         if self._turn is None:
             self._turn = asyncio.Event()  # made on the replica's own event loop
             self._turn.set()
@@ -221,7 +270,7 @@ class HemorrhageService:
         self._turn.clear()  # later arrivals wait for the next turn; those woken with this one go on
         self._in_turn += 1
         try:
-            return await asyncio.gather(*(self.infer(image) for image in images))
+            return await asyncio.gather(*(batched(image) for image in images))
         finally:
             self._in_turn -= 1
             if self._in_turn == 0:
@@ -241,17 +290,56 @@ class HemorrhageService:
         from raysys.engine import embed, infer
         from raysys.sequence import stored_features
 
-        if self.gru is None:
-            return list(infer(self.model, images, self.device))
-        features, logits = embed(self.model, images, self.device)
+        with self._model_lock:
+            if self.gru is None:
+                return list(infer(self.model, images, self.device))
+            features, logits = embed(self.model, images, self.device)
         # Rounded through float16 as training and batch predict store them (raysys.predict.Embedder): the GRU
         # reads here what it was trained and validated on.
         features = stored_features(features[:, : self.gru.features]).astype(np.float32)
         return list(zip(features, logits))
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def explain_batch(self, images: list[np.ndarray]) -> list:
+        """Micro-batched heat maps (`_explain_forward`), in a worker thread like `infer`."""
+        self.batching["explain_batches"] += 1
+        self.batching["explain_images"] += len(images)
+        return await asyncio.to_thread(self._explain_forward, np.stack(images))
+
+    def _explain_forward(self, images: np.ndarray) -> list:
+        """(B, C, S, S) uint8 -> per image (probabilities (6,), heat maps (6, S, S) float32 in [0, 1]) of the CNN:
+        raysys.explain.explain, whose forward pass is `infer`'s, at its default layer and method."""
+        from raysys.explain import explain
+
+        with self._model_lock:
+            probabilities, maps = explain(self.model, images, self.device)
+        return list(zip(probabilities, maps))
+
+    async def _embed_and_explain(self, image: np.ndarray) -> tuple:
+        """A sequence checkpoint's explain: the GRU's input (as for predict) and the CNN's heat maps of one image."""
+        return tuple(await asyncio.gather(self.infer(image), self.explain_batch(image)))
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "device": self.device.type}
+
+    @api.get("/")
+    async def index(self):
+        return self._viewer_file("index.html")
+
+    @api.get("/viewer/{name:path}")
+    async def viewer_file(self, name: str):
+        return self._viewer_file(name)
+
+    def _viewer_file(self, name: str):
+        """A file of the viewer's folder by its plain name, with its content type; 404 JSON for any other name
+        (a path, a hidden file, a kind not in VIEWER_TYPES). Public: the page holds no data, the API needs the token."""
+        kind = VIEWER_TYPES.get(Path(name).suffix.lower())
+        plain = self.viewer.is_dir() and name in {f.name for f in self.viewer.iterdir() if f.is_file()}
+        if kind is None or not plain or name.startswith("."):
+            return JSONResponse({"error": "not found: /viewer/ serves the viewer's files by plain name"}, status_code=404)
+        return Response(self.viewer.joinpath(name).read_bytes(), media_type=kind,
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     @api.get("/v1/model")
     async def describe(self, request: Request):
@@ -272,44 +360,95 @@ class HemorrhageService:
         if (denied := self._authorize(request)) is not None:
             return denied
         try:
-            bodies = await self._bodies(request)
-            loop = asyncio.get_running_loop()
-            labels = ["body"] if len(bodies) == 1 and not _is_multipart(request) else \
-                [f"part {i + 1}" for i in range(len(bodies))]
-            decoded = await asyncio.gather(*(loop.run_in_executor(
-                self.small_lane if len(body) <= SMALL_BODY else self.large_lane, self._preprocess, body, label)
-                for body, label in zip(bodies, labels)), return_exceptions=True)
-            first_error = next((d for d in decoded if isinstance(d, BaseException)), None)
-            if first_error is not None:
-                raise first_error
-            if self.gru is not None:
-                _check_unique([d[1] for d in decoded], labels)
+            decoded = await self._decode(request)
         except RequestError as e:
-            log.info("predict rejected: %s %s", e.status, e.message)
-            return JSONResponse({"error": e.message}, status_code=e.status)
-        images, ids = [d[0] for d in decoded], [d[1] for d in decoded]
-        if self.neighbors:
-            images = _stack_neighbors(decoded, self.neighbors)
-        outputs = await self.score(images)
+            return _refused("predict", e)
+        outputs = await self.score(self._model_inputs(decoded))
         if self.gru is not None:
             return await self._answer_series(request, decoded, outputs, start)
         latency = (time.perf_counter() - start) * 1000
-        results = [{"image_id": i, "probabilities": dict(zip(self.meta["labels"], map(float, p))),
-                    "model": self.checkpoint_info, "latency_ms": round(latency, 2)} for i, p in zip(ids, outputs)]
+        results = [{"image_id": d[1], "probabilities": _named(self.meta["labels"], p),
+                    "model": self.checkpoint_info, "latency_ms": round(latency, 2)} for d, p in zip(decoded, outputs)]
         return results[0] if len(results) == 1 and not _is_multipart(request) else {"results": results}
 
-    async def _answer_series(self, request: Request, decoded: list[tuple], outputs: list[tuple], start: float) -> dict:
-        """A sequence checkpoint's answer (see the module docstring); the GRU runs off the event loop."""
-        results, series = await asyncio.to_thread(self._score_series, decoded, outputs)
+    @api.post("/v1/explain")
+    async def explain(self, request: Request):
+        """Predict's answer with heat maps and the windowed input per slice (see the module docstring).
+
+        For a sequence checkpoint the probabilities are the sequence stage's, exactly as /v1/predict answers them,
+        while the heat maps explain the CNN's per-slice evidence (its cnn_probabilities): the GRU adds the series'
+        context to the CNN's scores and has no pixels of its own to point at."""
+        start = time.perf_counter()
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        try:
+            decoded = await self._decode(request)
+        except RequestError as e:
+            return _refused("explain", e)
+        images = self._model_inputs(decoded)
+        if self.gru is not None:
+            outputs, explained = zip(*await self.score(images, self._embed_and_explain))
+            shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained])
+            return await self._answer_series(request, decoded, list(outputs), start, shown)
+        explained = await self.score(images, self.explain_batch)
+        shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained])
+        results = [{"image_id": d[1], "probabilities": _named(self.meta["labels"], p), **more}
+                   for d, (p, _), more in zip(decoded, explained, shown)]
+        answer = {"model": self.checkpoint_info, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+        return {**results[0], **answer} if not _is_multipart(request) else {"results": results, **answer}
+
+    def _shown(self, decoded: list[tuple], maps: list[np.ndarray]) -> list[dict]:
+        """Per part: its heat maps (6, S, S) and its own windowed channels as base64 PNGs, with what made them.
+        PNG and base64 encoding take milliseconds per slice: this runs in a worker thread."""
+        from raysys.explain import DEFAULT_LAYER, DEFAULT_METHOD
+
+        how = {"method": DEFAULT_METHOD, "layer": DEFAULT_LAYER}  # explain()'s defaults, whatever they become
+        return [{"heatmaps": {label: _b64_png(m) for label, m in zip(self.meta["labels"], part_maps)},
+                 # d[0]: the slice's own windows (C, S, S), the middle of a 2.5D stack
+                 "windows": [{"name": name, "center": w.center, "width": w.width, "png": _b64_png(channel)}
+                             for (name, w), channel in zip(self.window_names, d[0])],
+                 "size": self.size, "explain": how}
+                for d, part_maps in zip(decoded, maps)]
+
+    async def _decode(self, request: Request) -> list[tuple]:
+        """A request's DICOM bodies decoded in the thread lanes, in part order: (image, image id, series id,
+        position) each (see `_preprocess`). Raises RequestError naming the body or part at fault."""
+        bodies = await self._bodies(request)
+        loop = asyncio.get_running_loop()
+        labels = ["body"] if len(bodies) == 1 and not _is_multipart(request) else \
+            [f"part {i + 1}" for i in range(len(bodies))]
+        decoded = await asyncio.gather(*(loop.run_in_executor(
+            self.small_lane if len(body) <= SMALL_BODY else self.large_lane, self._preprocess, body, label)
+            for body, label in zip(bodies, labels)), return_exceptions=True)
+        first_error = next((d for d in decoded if isinstance(d, BaseException)), None)
+        if first_error is not None:
+            raise first_error
+        if self.gru is not None:
+            _check_unique([d[1] for d in decoded], labels)
+        return decoded
+
+    def _model_inputs(self, decoded: list[tuple]) -> list[np.ndarray]:
+        """The model's input per part: the slice's windows, or for a 2.5D checkpoint its stack among its neighbours."""
+        if self.neighbors:
+            return _stack_neighbors(decoded, self.neighbors)
+        return [d[0] for d in decoded]
+
+    async def _answer_series(self, request: Request, decoded: list[tuple], outputs: list[tuple], start: float,
+                             extra: list[dict] | None = None) -> dict:
+        """A sequence checkpoint's answer (see the module docstring); the GRU runs off the event loop.
+        extra: fields to add to each part's result (explain's), in part order."""
+        results, series, rows = await asyncio.to_thread(self._score_series, decoded, outputs)
+        if extra is not None:
+            results = [{**result, **extra[row]} for result, row in zip(results, rows)]
         latency = round((time.perf_counter() - start) * 1000, 2)
         if not _is_multipart(request):  # a raw body: one slice, the CNN checkpoint's single answer plus its CNN's
-            one = results[0]
-            return {"image_id": one["image_id"], "probabilities": one["probabilities"],
-                    "cnn_probabilities": one["cnn_probabilities"], "model": self.checkpoint_info, "latency_ms": latency}
+            one = {k: v for k, v in results[0].items() if k not in ("series", "slice")}
+            return {**one, "model": self.checkpoint_info, "latency_ms": latency}
         return {"results": results, "series": series, "model": self.checkpoint_info, "latency_ms": latency}
 
-    def _score_series(self, decoded: list[tuple], outputs: list[tuple]) -> tuple[list[dict], list[dict]]:
-        """(results in slice order, series after series; one summary per series) of a request's slices.
+    def _score_series(self, decoded: list[tuple], outputs: list[tuple]) -> tuple[list[dict], list[dict], list[int]]:
+        """(results in slice order, series after series; one summary per series; each result's part index) of a
+        request's slices.
 
         decoded: (image, image_id, series_id, position) per part; outputs: `_forward`'s (features, logits) per part.
         """
@@ -329,14 +468,15 @@ class HemorrhageService:
         ordered = ordered.assign(first_part=first_part).sort_values(["first_part", "slice"], kind="stable")
         features, logits = np.stack([o[0] for o in outputs]), np.stack([o[1] for o in outputs])
         items = series_items(ordered, features, logits, labels=False)
-        labels, results, series = self.meta["labels"], [], []
+        labels, results, series, rows = self.meta["labels"], [], [], []
         for number, (item, probabilities) in enumerate(zip(items, score_series(self.gru, items, self.device))):
             cnn = sigmoid(item["cnn_logits"])
             results += [{"image_id": str(image_id), "series": number, "slice": k, "probabilities": _named(labels, p),
                          "cnn_probabilities": _named(labels, c)}
                         for k, (image_id, p, c) in enumerate(zip(item["image_id"], probabilities, cnn))]
             series.append({"series": number, "slices": len(probabilities), "max": _named(labels, probabilities.max(axis=0))})
-        return results, series
+            rows += [int(row) for row in item["row"]]
+        return results, series, rows
 
     def _authorize(self, request: Request):
         if self.token is None:

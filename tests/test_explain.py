@@ -1,0 +1,321 @@
+"""POST /v1/explain and the viewer's static files on a real local Ray: real HTTP requests to 127.0.0.1.
+
+One Serve instance holds two applications for the whole module: a CNN checkpoint at / (bearer token from a
+token_file) and a sequence checkpoint built on the same CNN at /seq (open). Expected values come from the
+checkpoint loaded here: /v1/predict's answer, raysys.engine.infer, raysys.presets.dicom_to_image, and
+raysys.explain.explain (tested against independent computations in test_explain_core.py).
+"""
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from raysys.config import Config, ServeConfig
+from raysys.engine import infer
+from raysys.explain import DEFAULT_LAYER, DEFAULT_METHOD, explain
+from raysys.labels import LABELS
+from raysys.model import build_model, load_checkpoint, read_meta, save_checkpoint
+from raysys.presets import dicom_to_image, to_model_input
+from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
+from raysys.serve import build_app
+from raysys.synthetic import PhantomConfig, write_dataset
+from raysys.testing import free_port, wait_healthy
+
+SIZE = 80
+LIMIT = 1024 * 1024  # max_body_bytes: a 128 px phantom slice is about 33 KiB
+MAX_FILES = 4
+CPU = torch.device("cpu")
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DICOM = {**AUTH, "Content-Type": "application/dicom"}
+VIEWER = Path(__file__).resolve().parents[1] / "raysys" / "viewer"
+# The checkpoint's windows (Config's default "brain,subdural,soft_tissue"), written out by hand.
+WINDOWS = [("brain", 40, 80), ("subdural", 80, 200), ("soft_tissue", 40, 380)]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """One series of 4 slices, sorted by file name (not slice order)."""
+    frame = write_dataset(tmp_path_factory.mktemp("explain-phantom"),
+                          PhantomConfig(studies=1, slices_per_study=4, size=128, seed=9))
+    return sorted(Path(p) for p in frame["path"])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, phantom):
+    """(CNN checkpoint, sequence checkpoint on that CNN). The CNN's BatchNorm statistics come from one train-mode
+    pass over the phantom, so its activations are as moderate as a trained model's (an untrained InceptionV3's
+    logits are ~1e7, every probability 0 or 1); the GRU's correction is random."""
+    root = tmp_path_factory.mktemp("explain-ck")
+    torch.manual_seed(0)
+    config = Config().replace(**{"data.image_size": SIZE}).to_dict()
+    cnn = build_model(image_size=SIZE)
+    images = np.stack([dicom_to_image(p, config["data"]["windows"], SIZE)[0] for p in phantom])
+    for module in cnn.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the passes: here, the one pass
+    with torch.no_grad():
+        cnn.train()(to_model_input(torch.as_tensor(images), cnn.contract.mean, cnn.contract.std))
+    cnn.eval()
+    cnn_dir = save_checkpoint(root / "cnn", cnn, config=config, epoch=2, metrics={"val_weighted_log_loss": 0.2})
+    gru = SeriesGRU(2048, hidden=16)
+    torch.nn.init.normal_(gru.correct.weight, std=1.0)
+    torch.nn.init.normal_(gru.correct.bias, std=0.5)
+    save_sequence(root / "stage", gru, cnn_meta=read_meta(cnn_dir), cnn=cnn_reference(str(cnn_dir)), config={},
+                  epoch=3, metrics={"val_weighted_log_loss": 0.1})
+    return Path(cnn_dir), Path(export_sequence(str(root / "stage"), str(root / "best")))
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoints, tmp_path_factory):
+    from ray import serve
+
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(max_batch_size=8, max_body_bytes=LIMIT, max_files=MAX_FILES, token_file=str(token_file))
+    serve.run(build_app(str(checkpoints[0]), cfg), name="explain-cnn", route_prefix="/", blocking=False)
+    serve.run(build_app(str(checkpoints[1]), ServeConfig(cpus_per_replica=0.5, max_batch_size=8)), name="explain-seq",
+              route_prefix="/seq", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    wait_healthy(f"{url}/seq")
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return load_checkpoint(checkpoints[0]).model
+
+
+def _raw(url: str, path: str, body: bytes, headers=DICOM) -> requests.Response:
+    return requests.post(f"{url}{path}", data=body, headers=headers, timeout=120)
+
+
+def _parts(url: str, path: str, bodies: list[bytes], headers=AUTH) -> requests.Response:
+    files = [("files", (f"f{i}.dcm", body, "application/dicom")) for i, body in enumerate(bodies)]
+    return requests.post(f"{url}{path}", files=files, headers=headers, timeout=120)
+
+
+def _vector(named: dict) -> np.ndarray:
+    assert list(named) == list(LABELS)
+    return np.array([named[label] for label in LABELS])
+
+
+def _png(text: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    assert image.format == "PNG" and image.mode == "L"
+    return np.asarray(image)
+
+
+@contextlib.contextmanager
+def _replica_threads():
+    """torch on the replica's one thread (cpus_per_replica=1): CPU kernels differ in the last bits with the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Probabilities of one image batched with different others (predict's and explain's batches need not be formed
+# alike) differ in the last bits, up to ~1e-4 for this checkpoint.
+BATCHED_ATOL = 1e-4
+
+
+def _image(path: Path) -> np.ndarray:
+    """(3, SIZE, SIZE) uint8: the model input, computed here."""
+    return dicom_to_image(path.read_bytes(), "brain,subdural,soft_tissue", SIZE)[0]
+
+
+def _check_shown(answer: dict, path: Path, model=None) -> None:
+    """answer's heat maps and windows are those of the file at `path` (and, given the model, explain()'s maps)."""
+    assert answer["size"] == SIZE
+    assert answer["explain"] == {"method": DEFAULT_METHOD, "layer": DEFAULT_LAYER}  # what explain() uses unless told
+    assert list(answer["heatmaps"]) == list(LABELS)
+    maps = np.stack([_png(answer["heatmaps"][label]) for label in LABELS])
+    assert maps.shape == (len(LABELS), SIZE, SIZE) and maps.dtype == np.uint8
+    assert all(m.max() > m.min() for m in maps), "a constant heat map"
+    image = _image(path)
+    assert [(w["name"], w["center"], w["width"]) for w in answer["windows"]] == WINDOWS
+    np.testing.assert_array_equal(np.stack([_png(w["png"]) for w in answer["windows"]]), image)
+    if model is not None:
+        with _replica_threads():
+            _, expected = explain(model, image[None], CPU)
+        want = np.round(expected[0] * 255)
+        assert np.abs(maps.astype(int) - want).max() <= 1  # 8-bit quantisation of float maps computed alike
+
+
+def test_a_raw_body_gets_predicts_probabilities_heat_maps_and_windows(server, phantom, model):
+    body = phantom[0].read_bytes()
+    r = _raw(server, "/v1/explain", body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert list(answer) == ["image_id", "probabilities", "heatmaps", "windows", "size", "explain", "model", "latency_ms"]
+    assert answer["image_id"] == pydicom.dcmread(phantom[0]).SOPInstanceUID
+    predicted = _raw(server, "/v1/predict", body).json()
+    assert answer["probabilities"] == predicted["probabilities"]  # the same forward pass, bit for bit
+    with _replica_threads():
+        expected = infer(model, _image(phantom[0])[None], CPU)[0]
+    np.testing.assert_array_equal(_vector(answer["probabilities"]), expected)
+    assert answer["model"] == predicted["model"] and answer["latency_ms"] > 0
+    _check_shown(answer, phantom[0], model)
+    assert pydicom.dcmread(phantom[0]).PatientID not in r.text
+
+
+def test_multipart_answers_each_part_in_part_order(server, phantom, model):
+    paths = [phantom[2], phantom[0], phantom[3]]
+    bodies = [p.read_bytes() for p in paths]
+    r = _parts(server, "/v1/explain", bodies)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert set(answer) == {"results", "model", "latency_ms"}
+    results = answer["results"]
+    assert [x["image_id"] for x in results] == [pydicom.dcmread(p).SOPInstanceUID for p in paths]
+    predicted = _parts(server, "/v1/predict", bodies).json()["results"]
+    for got, want, path in zip(results, predicted, paths):
+        assert list(got) == ["image_id", "probabilities", "heatmaps", "windows", "size", "explain"]
+        np.testing.assert_allclose(_vector(got["probabilities"]), _vector(want["probabilities"]), rtol=0, atol=BATCHED_ATOL)
+        _check_shown(got, path)
+
+
+def test_concurrent_explain_requests_share_batches(server, phantom):
+    def counts():
+        return requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()["batching"]
+
+    before = counts()
+    bodies = [p.read_bytes() for p in phantom] * 3
+    with ThreadPoolExecutor(6) as pool:
+        codes = [r.status_code for r in pool.map(lambda b: _raw(server, "/v1/explain", b), bodies)]
+    assert codes == [200] * len(bodies)
+    after = counts()
+    images = after["explain_images"] - before["explain_images"]
+    assert images == len(bodies) and after["explain_batches"] - before["explain_batches"] < images
+    assert after["images"] == before["images"]  # predict's forward pass was not run as well
+
+
+def _mr_bytes() -> bytes:
+    return Path(get_testdata_file("MR_small.dcm")).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "send, status, starts",
+    [
+        (lambda url, ph: _raw(url, "/v1/explain", b"definitely not a dicom file" * 10), 400, "body: "),
+        (lambda url, ph: _raw(url, "/v1/explain", ph[1].read_bytes()[:-5000]), 400, "body"),  # truncated pixels
+        (lambda url, ph: _raw(url, "/v1/explain", _mr_bytes()), 422, "body"),
+        (lambda url, ph: _raw(url, "/v1/explain", b"\0" * (LIMIT + 1)), 413, "body"),
+        (lambda url, ph: _raw(url, "/v1/explain", ph[0].read_bytes(), {**AUTH, "Content-Type": "text/plain"}), 415,
+         "send the DICOM"),
+        (lambda url, ph: _parts(url, "/v1/explain", [ph[0].read_bytes(), b"not a dicom" * 20]), 400, "part 2: "),
+        (lambda url, ph: _parts(url, "/v1/explain", [ph[0].read_bytes()] * (MAX_FILES + 1)), 413, "multipart body has"),
+    ],
+    ids=["garbage", "truncated", "mr", "oversized", "wrong-type", "bad-part", "too-many-parts"],
+)
+def test_bad_input_gets_a_json_error_and_the_replica_keeps_serving(server, phantom, send, status, starts):
+    r = send(server, phantom)
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(starts), r.json()
+    assert _raw(server, "/v1/explain", phantom[2].read_bytes()).status_code == 200
+
+
+def test_the_part_limit_admits_max_files(server, phantom):
+    r = _parts(server, "/v1/explain", [p.read_bytes() for p in phantom][:MAX_FILES])
+    assert r.status_code == 200 and len(r.json()["results"]) == MAX_FILES
+
+
+def test_explain_needs_the_token_and_the_viewer_does_not(server, phantom):
+    body = phantom[0].read_bytes()
+    assert _raw(server, "/v1/explain", body, {"Content-Type": "application/dicom"}).status_code == 401
+    wrong = _raw(server, "/v1/explain", body, {"Content-Type": "application/dicom", "Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]
+    assert _parts(server, "/v1/explain", [body], headers={}).status_code == 401
+    assert requests.get(f"{server}/", timeout=10).status_code == 200
+    assert requests.get(f"{server}/viewer/index.html", timeout=10).status_code == 200
+
+
+def test_the_viewer_is_served_with_its_content_types(server):
+    r = requests.get(f"{server}/", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.content == (VIEWER / "index.html").read_bytes()
+    kinds = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png",
+             ".svg": "image/svg+xml"}
+    files = [p for p in VIEWER.iterdir() if p.is_file() and p.suffix in kinds and not p.name.startswith(".")]
+    assert files
+    for path in files:
+        r = requests.get(f"{server}/viewer/{path.name}", timeout=10)
+        assert r.status_code == 200, path.name
+        assert r.headers["content-type"].split(";")[0] == kinds[path.suffix], path.name
+        assert r.content == path.read_bytes()
+
+
+def _get_raw_path(url: str, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written (requests and urllib3 would resolve the dot segments first)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request("GET", path)
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", ["/viewer/../serve.py", "/viewer/..%2Fserve.py", "/viewer/%2e%2e/serve.py",
+                                  "/viewer/../../pyproject.toml", "/viewer/..", "/viewer/", "/viewer/missing.js",
+                                  "/viewer/sub/index.html", "/viewer/%2Fetc%2Fpasswd", "/viewer//etc/passwd"])
+def test_anything_but_a_viewer_file_is_refused(server, path):
+    status, body = _get_raw_path(server, path)
+    assert status == 404, (path, body[:200])
+    assert json.loads(body)["error"]
+    assert b"import" not in body and b"root:" not in body
+
+
+def test_sequence_explain_answers_predicts_sequence_answer(server, phantom):
+    """For a sequence checkpoint the probabilities are predict's (series context, slice order), with the CNN's
+    heat maps and the windows of each slice attached to that slice."""
+    paths = [phantom[i] for i in (3, 1, 0, 2)]
+    bodies = [p.read_bytes() for p in paths]
+    r = _parts(server, "/seq/v1/explain", bodies, headers={})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    predicted = _parts(server, "/seq/v1/predict", bodies, headers={}).json()
+    assert set(answer) == {"results", "series", "model", "latency_ms"} and answer["model"] == predicted["model"]
+    assert [(x["image_id"], x["series"], x["slice"]) for x in answer["results"]] == \
+        [(x["image_id"], x["series"], x["slice"]) for x in predicted["results"]]
+    for got, want in zip(answer["results"], predicted["results"]):
+        for key in ("probabilities", "cnn_probabilities"):
+            np.testing.assert_allclose(_vector(got[key]), _vector(want[key]), rtol=0, atol=BATCHED_ATOL)
+        # The sequence stage corrects the CNN, so these are not the CNN's numbers under another name.
+        assert not np.allclose(_vector(got["probabilities"]), _vector(got["cnn_probabilities"]), atol=1e-3)
+    assert [(s["series"], s["slices"]) for s in answer["series"]] == [(s["series"], s["slices"]) for s in predicted["series"]]
+    np.testing.assert_allclose(_vector(answer["series"][0]["max"]), _vector(predicted["series"][0]["max"]), atol=BATCHED_ATOL)
+    by_id = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+    for result in answer["results"]:  # each slice's pictures are its own, though parts were reordered
+        _check_shown(result, by_id[result["image_id"]])
+
+    one = _raw(server, "/seq/v1/explain", bodies[0], {"Content-Type": "application/dicom"}).json()
+    single = _raw(server, "/seq/v1/predict", bodies[0], {"Content-Type": "application/dicom"}).json()
+    assert list(one) == ["image_id", "probabilities", "cnn_probabilities", "heatmaps", "windows", "size", "explain",
+                         "model", "latency_ms"]
+    assert one["image_id"] == single["image_id"]
+    for key in ("probabilities", "cnn_probabilities"):
+        np.testing.assert_allclose(_vector(one[key]), _vector(single[key]), rtol=0, atol=BATCHED_ATOL)
+    _check_shown(one, paths[0])
