@@ -1,0 +1,630 @@
+// raysys viewer: send DICOM slices to this Serve app, show its windows, probabilities and heat maps.
+//
+// The page never reads a DICOM header and never shows or sends the user's file names (they often hold a
+// patient's name): it shows only what the API answers, the SOPInstanceUID (image_id) among it.
+//
+//   one file      POST v1/explain (raw body)  -> windows, probabilities, heat maps
+//   several files POST v1/predict (multipart, one request: a sequence checkpoint reads them as series)
+//                 -> per-slice probabilities in slice order; v1/explain for the selected slice, lazily, cached
+//   a 401         the token form appears; the token is kept in sessionStorage and the request is sent again
+//
+// Stable hooks (tests and scripts):
+//   #status[data-state = idle | loading | auth | error | ready][data-slice][data-image-id]
+//   #bars .bar[data-label][data-probability (the API's number)][data-threshold][data-above = true | false]
+//     [data-cnn-probability (a sequence checkpoint's CNN alone; empty for a CNN checkpoint)]
+//   #heatmap (canvas; data-subtype, data-window, data-opacity of the last drawing), #subtype, #base-window, #opacity
+//   #strip .cell[data-slice][data-probability][data-image-id][aria-selected], #slice-label[data-slice][data-image-id]
+//   #windows figure[data-window] img, #token-form[data-waiting = model | upload | slice], #token, #error, #files, #drop
+"use strict";
+
+const TOKEN_KEY = "raysys.token"; // sessionStorage: gone when the tab closes
+const STRIP_LABEL = "any"; // the strip's per-slice colour
+const DEFAULT_THRESHOLD = 0.5;
+const DEFAULT_SUBTYPE = "any";
+const ID_LOOKUPS = 4; // concurrent requests when a file's image id must be asked for (see filesInOrder)
+// Relative paths: the page works under any route prefix the app is served at.
+const API = { model: "v1/model", predict: "v1/predict", explain: "v1/explain" };
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  model: null, // the /v1/model answer
+  slices: [], // in slice order: {imageId, series, slice, probabilities, cnnProbabilities, file}
+  selected: -1,
+  explained: new Map(), // slice index -> Promise of its /v1/explain answer
+  drawings: new WeakMap(), // explain answer -> Map(key -> Promise of a drawable: window bitmap or coloured heat map)
+  current: null, // the explain answer on the canvas
+  thresholds: {}, // label -> decision threshold in [0, 1]
+  pending: null, // the task to run again once a token is given
+  upload: null, // identity of the latest upload: answers for an older one are dropped
+  selection: null, // identity of the latest selection, likewise
+};
+
+class AuthRequired extends Error {}
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// ---------------------------------------------------------------- API
+
+async function api(path, init = {}) {
+  const headers = new Headers(init.headers || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  let response;
+  try {
+    response = await fetch(path, { ...init, headers });
+  } catch (e) {
+    throw new ApiError(0, `cannot reach the server (${e.message})`);
+  }
+  if (response.status === 401) {
+    throw new AuthRequired(token ? "That token was not accepted; enter it again." : "");
+  }
+  const text = await response.text();
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = null;
+  }
+  if (!response.ok) {
+    const reason = body && typeof body.error === "string" ? body.error : text.slice(0, 300) || response.statusText;
+    throw new ApiError(response.status, reason);
+  }
+  if (body === null) throw new ApiError(response.status, "the server's answer is not JSON");
+  return body;
+}
+
+function postDicom(path, file) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/dicom" }, body: file });
+}
+
+function postFiles(path, files) {
+  const form = new FormData();
+  // Neutral part names: the user's file names never leave the browser.
+  files.forEach((file, i) => form.append("files", file, `slice-${i + 1}.dcm`));
+  return api(path, { method: "POST", body: form });
+}
+
+async function ensureModel() {
+  if (!state.model) {
+    const model = await api(API.model);
+    state.model = model;
+    showModel(model);
+    buildControls(model);
+  }
+  return state.model;
+}
+
+// Runs a user action: a 401 asks for the token (and keeps the action to run again), other errors are shown.
+// `what` names the action in the token form (and its data-waiting hook): model, upload or slice.
+async function run(task, what) {
+  try {
+    await task();
+  } catch (e) {
+    if (e instanceof AuthRequired) {
+      state.pending = { task, what };
+      askToken(e.message, what);
+    } else {
+      showError(e);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- uploads and slices
+
+async function upload(chosen) {
+  const files = [...chosen].filter((f) => !f.name.startsWith(".")); // .DS_Store and friends
+  if (!files.length) throw new ApiError(0, "No files were chosen.");
+  const mine = (state.upload = Symbol("upload"));
+  state.selection = null;
+  state.slices = [];
+  state.selected = -1;
+  state.explained = new Map();
+  state.current = null;
+  hideError();
+  $("series").hidden = true;
+  $("viewer").hidden = true;
+  setStatus("loading", files.length === 1 ? "Explaining the slice…" : `Scoring ${files.length} slices…`);
+  await ensureModel();
+  let slices;
+  let explained = null;
+  if (files.length === 1) {
+    explained = postDicom(API.explain, files[0]);
+    const answer = await explained;
+    slices = [sliceOf(answer, files[0])];
+  } else {
+    const answer = await postFiles(API.predict, files);
+    const inOrder = await filesInOrder(answer.results, files);
+    slices = answer.results.map((result, i) => sliceOf(result, inOrder[i]));
+  }
+  if (state.upload !== mine) return;
+  state.slices = slices;
+  if (explained) state.explained.set(0, explained);
+  renderStrip();
+  await select(0);
+}
+
+function sliceOf(result, file) {
+  return {
+    imageId: result.image_id,
+    series: Number.isInteger(result.series) ? result.series : null,
+    slice: Number.isInteger(result.slice) ? result.slice : null,
+    probabilities: result.probabilities,
+    cnnProbabilities: result.cnn_probabilities || null,
+    file,
+  };
+}
+
+// The file of each result. A CNN checkpoint answers in part order. A sequence checkpoint answers in slice order
+// (from the DICOM positions, which this page does not read), so each file's image id is asked of the API.
+async function filesInOrder(results, files) {
+  if (results.length !== files.length) {
+    throw new ApiError(0, `the server answered ${results.length} results for ${files.length} files`);
+  }
+  if (state.model.stage !== "sequence") return files;
+  setStatus("loading", `Matching ${files.length} files to their slices…`);
+  const ids = await mapLimited(files, ID_LOOKUPS, async (file) => (await postDicom(API.predict, file)).image_id);
+  const byId = new Map(ids.map((id, i) => [id, files[i]]));
+  return results.map((r) => byId.get(r.image_id) || null);
+}
+
+async function mapLimited(items, limit, fn) {
+  const out = new Array(items.length);
+  let next = 0;
+  async function worker() {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]);
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
+function explainSlice(k) {
+  let promise = state.explained.get(k);
+  if (!promise) {
+    const file = state.slices[k].file;
+    if (!file) return Promise.reject(new ApiError(0, `cannot tell which of the chosen files is slice ${k + 1}`));
+    promise = postDicom(API.explain, file);
+    state.explained.set(k, promise);
+    promise.catch(() => state.explained.get(k) === promise && state.explained.delete(k)); // a failure is not cached
+  }
+  return promise;
+}
+
+async function select(k) {
+  if (k < 0 || k >= state.slices.length) return;
+  const mine = (state.selection = Symbol("selection"));
+  const upload = state.upload;
+  state.selected = k;
+  const s = state.slices[k];
+  hideError(); // an earlier slice's error; this one shows its own
+  markStrip(k);
+  showSliceLabel(k, s);
+  renderBars(s);
+  setStatus("loading", `Explaining slice ${k + 1}…`);
+  const viewer = $("viewer");
+  viewer.hidden = false;
+  viewer.classList.add("waiting"); // the canvas still shows the previous slice
+  let answer;
+  try {
+    answer = await explainSlice(k);
+  } finally {
+    if (state.selection === mine) viewer.classList.remove("waiting");
+  }
+  if (state.selection !== mine || state.upload !== upload) return;
+  if (answer.image_id !== s.imageId) {
+    throw new ApiError(0, `slice ${k + 1} is image ${s.imageId}, but the server explained image ${answer.image_id}`);
+  }
+  state.current = answer;
+  renderWindows(answer);
+  $("explain-method").textContent = answer.explain ? `${answer.explain.method} at ${answer.explain.layer}` : "";
+  await drawHeatmap();
+  if (state.selection !== mine) return;
+  setStatus("ready", `Slice ${k + 1} of ${state.slices.length} ready`, { slice: k, imageId: s.imageId });
+}
+
+function step(delta) {
+  if (state.slices.length < 2 || state.selected < 0) return;
+  const k = Math.min(state.slices.length - 1, Math.max(0, state.selected + delta));
+  if (k !== state.selected) run(() => select(k), "slice");
+}
+
+// ---------------------------------------------------------------- rendering
+
+function setStatus(name, text, selected = null) {
+  const status = $("status");
+  status.dataset.state = name;
+  status.textContent = text;
+  status.dataset.slice = selected ? String(selected.slice) : "";
+  status.dataset.imageId = selected ? selected.imageId : "";
+}
+
+function showError(e) {
+  const where = e instanceof ApiError && e.status ? `The server answered ${e.status}: ` : "";
+  // The API names a file by its place in the request ("part 3"): the third file chosen.
+  const parts = /^part \d+:/.test(e.message) ? " (parts count the chosen files in order)" : "";
+  const box = $("error");
+  box.textContent = `${where}${e.message}${parts}`;
+  box.hidden = false;
+  setStatus("error", "Error: see the message below");
+}
+
+function hideError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+const WAITING = {
+  model: "The page loads once it is accepted.",
+  upload: "The chosen files are sent once it is accepted.",
+  slice: "The slice is sent once it is accepted.",
+};
+
+function askToken(message, what) {
+  const form = $("token-form");
+  form.hidden = false;
+  form.dataset.waiting = what;
+  const intro = message || "Paste the bearer token of this server; it is kept for this tab only.";
+  $("token-message").textContent = `${intro} ${WAITING[what] || ""}`;
+  $("token").value = "";
+  $("token").focus();
+  setStatus("auth", "Waiting for the API token");
+}
+
+function showModel(model) {
+  const info = model.model || {};
+  const loss = typeof info.val_weighted_log_loss === "number" ? ` · val loss ${info.val_weighted_log_loss.toFixed(3)}` : "";
+  $("model-info").textContent =
+    `${model.stage} checkpoint ${info.checkpoint ?? ""} · epoch ${info.epoch ?? "?"} · ${model.image_size} px${loss}`;
+}
+
+function buildControls(model) {
+  const bars = $("bars");
+  const subtype = $("subtype");
+  bars.replaceChildren();
+  subtype.replaceChildren();
+  for (const label of model.labels) {
+    state.thresholds[label] = DEFAULT_THRESHOLD;
+    subtype.append(new Option(label, label, false, label === DEFAULT_SUBTYPE));
+
+    const bar = element("div", "bar", { label, probability: "", threshold: String(DEFAULT_THRESHOLD), above: "false" });
+    const track = element("div", "bar-track");
+    track.append(element("div", "bar-fill"), element("div", "bar-cnn"), element("div", "bar-threshold"));
+    const input = element("input", "threshold", { label });
+    Object.assign(input, { type: "number", min: "0", max: "1", step: "0.01", value: String(DEFAULT_THRESHOLD) });
+    input.setAttribute("aria-label", `decision threshold for ${label}`);
+    input.addEventListener("input", () => {
+      const value = Number(input.value);
+      if (input.value !== "" && value >= 0 && value <= 1) setThreshold(label, value, false);
+    });
+    bar.append(element("span", "bar-name", {}, label), track, element("span", "bar-value"), input);
+    bars.append(bar);
+  }
+}
+
+function element(tag, className, data = {}, text = "") {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  for (const [key, value] of Object.entries(data)) node.dataset[key] = value;
+  if (text) node.textContent = text;
+  return node;
+}
+
+function setThreshold(label, value, updateInput = true) {
+  state.thresholds[label] = value;
+  if (updateInput) document.querySelector(`#bars input.threshold[data-label="${label}"]`).value = String(value);
+  if (state.selected >= 0) renderBars(state.slices[state.selected]);
+  if (label === STRIP_LABEL) markStrip(state.selected);
+}
+
+function renderBars(s) {
+  const sequence = state.model.stage === "sequence";
+  $("bars-source").textContent = state.slices.length > 1
+    ? (sequence ? "Read in the context of its series (sequence checkpoint); the thin mark is the CNN alone."
+                : "This slice alone (CNN checkpoint).")
+    : (sequence ? "One file: scored as a series of one; the thin mark is the CNN alone." : "This slice alone (CNN checkpoint).");
+  for (const bar of document.querySelectorAll("#bars .bar")) {
+    const label = bar.dataset.label;
+    const p = s.probabilities[label];
+    const threshold = state.thresholds[label];
+    const above = p >= threshold;
+    bar.dataset.probability = String(p);
+    bar.dataset.threshold = String(threshold);
+    bar.dataset.above = String(above);
+    bar.classList.toggle("above", above);
+    bar.querySelector(".bar-fill").style.width = `${(100 * p).toFixed(2)}%`;
+    bar.querySelector(".bar-threshold").style.left = `${(100 * threshold).toFixed(2)}%`;
+    const cnn = bar.querySelector(".bar-cnn");
+    const q = s.cnnProbabilities ? s.cnnProbabilities[label] : null;
+    cnn.hidden = q === null || q === undefined;
+    bar.dataset.cnnProbability = cnn.hidden ? "" : String(q);
+    if (!cnn.hidden) {
+      cnn.style.left = `${(100 * q).toFixed(2)}%`;
+      cnn.title = `CNN alone: ${q.toFixed(3)}`;
+    }
+    bar.querySelector(".bar-value").textContent = p.toFixed(3);
+    bar.title = `${label}: ${p} (threshold ${threshold}${above ? ", above" : ""})`;
+  }
+}
+
+function renderStrip() {
+  const strip = $("strip");
+  strip.replaceChildren();
+  const n = state.slices.length;
+  $("series").hidden = n < 2;
+  if (n < 2) return;
+  const series = new Set(state.slices.map((s) => s.series));
+  state.slices.forEach((s, k) => {
+    const p = s.probabilities[STRIP_LABEL];
+    const cell = element("button", "cell", { slice: String(k), probability: String(p), imageId: s.imageId });
+    cell.type = "button";
+    cell.setAttribute("role", "option");
+    cell.title = `slice ${k + 1}: ${STRIP_LABEL} ${p.toFixed(3)}`;
+    cell.style.background = stripColour(p);
+    if (k > 0 && s.series !== state.slices[k - 1].series) cell.classList.add("series-start");
+    cell.addEventListener("click", () => run(() => select(k), "slice"));
+    strip.append(cell);
+  });
+  const order = state.model.stage === "sequence" ? "in slice order" : "in the order chosen (a CNN checkpoint does not sort)";
+  const groups = series.size > 1 && !series.has(null) ? ` in ${series.size} series` : "";
+  $("strip-caption").textContent =
+    `${n} slices${groups}, ${order}; colour: P(${STRIP_LABEL}). Arrow keys or a click move through them.`;
+}
+
+function markStrip(k) {
+  const threshold = state.thresholds[STRIP_LABEL];
+  for (const cell of document.querySelectorAll("#strip .cell")) {
+    const selected = Number(cell.dataset.slice) === k;
+    cell.setAttribute("aria-selected", String(selected));
+    cell.classList.toggle("selected", selected);
+    cell.classList.toggle("above", Number(cell.dataset.probability) >= threshold);
+    if (selected) cell.scrollIntoView({ block: "nearest", inline: "nearest" });
+  }
+}
+
+function showSliceLabel(k, s) {
+  const label = $("slice-label");
+  const series = s.series !== null && new Set(state.slices.map((x) => x.series)).size > 1 ? ` · series ${s.series + 1}` : "";
+  label.replaceChildren(`Slice ${k + 1} of ${state.slices.length}${series} · `, element("code", "", {}, s.imageId || "(no SOPInstanceUID)"));
+  label.dataset.slice = String(k);
+  label.dataset.imageId = s.imageId;
+  $("viewer").dataset.slice = String(k);
+}
+
+function renderWindows(answer) {
+  const select = $("base-window");
+  const names = answer.windows.map((w) => w.name);
+  if ([...select.options].map((o) => o.value).join() !== names.join()) {
+    const keep = select.value;
+    select.replaceChildren(...names.map((name) => new Option(name, name, false, name === keep)));
+  }
+  const box = $("windows");
+  box.replaceChildren();
+  for (const w of answer.windows) {
+    const figure = element("figure", "window", { window: w.name });
+    figure.classList.toggle("selected", w.name === select.value);
+    const img = document.createElement("img");
+    img.src = `data:image/png;base64,${w.png}`;
+    img.alt = `${w.name} window`;
+    figure.title = `show the heat map over the ${w.name} window`;
+    figure.addEventListener("click", () => {
+      select.value = w.name;
+      markWindow();
+      drawHeatmap();
+    });
+    const caption = element("figcaption", "", {}, w.name);
+    caption.append(element("small", "", {}, `C ${w.center} / W ${w.width}`));
+    figure.append(img, caption);
+    box.append(figure);
+  }
+}
+
+function markWindow() {
+  for (const figure of document.querySelectorAll("#windows figure")) {
+    figure.classList.toggle("selected", figure.dataset.window === $("base-window").value);
+  }
+}
+
+// ---------------------------------------------------------------- canvas
+
+// Turbo (Mikhailov 2019), 17 stops sampled evenly from 0 to 1 and joined linearly: heat 0..255 -> [r, g, b].
+const TURBO = ["#30123b", "#4040a2", "#466be3", "#4294ff", "#28bceb", "#18ddc2", "#32f298", "#6dfe62", "#a4fc3c",
+  "#cdec34", "#eecf3a", "#fdac34", "#fb7e21", "#eb500e", "#d02f05", "#a91601", "#7a0403"];
+const COLORMAP = Array.from({ length: 256 }, (_, i) => {
+  const rgb = (hex) => [1, 3, 5].map((j) => parseInt(hex.slice(j, j + 2), 16));
+  const at = (i / 255) * (TURBO.length - 1);
+  const k = Math.min(TURBO.length - 2, Math.floor(at));
+  const [lo, hi, t] = [rgb(TURBO[k]), rgb(TURBO[k + 1]), at - k];
+  return lo.map((c, j) => Math.round(c + t * (hi[j] - c)));
+});
+
+async function decodePng(base64) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  // No colour management: a grey value of the PNG is the value drawn (the heat, or the window's level).
+  return createImageBitmap(new Blob([bytes], { type: "image/png" }), { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+}
+
+async function colourise(base64) {
+  const bitmap = await decodePng(base64);
+  const canvas = document.createElement("canvas");
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(bitmap, 0, 0);
+  const image = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const px = image.data; // RGBA; a grey PNG has r = g = b = heat * 255
+  for (let i = 0; i < px.length; i += 4) {
+    const [r, g, b] = COLORMAP[px[i]];
+    px[i] = r;
+    px[i + 1] = g;
+    px[i + 2] = b;
+    px[i + 3] = 255;
+  }
+  ctx.putImageData(image, 0, 0);
+  return canvas;
+}
+
+function drawing(answer, key, make) {
+  let cache = state.drawings.get(answer);
+  if (!cache) state.drawings.set(answer, (cache = new Map()));
+  if (!cache.has(key)) cache.set(key, make());
+  return cache.get(key);
+}
+
+async function drawHeatmap() {
+  const answer = state.current;
+  if (!answer) return;
+  const canvas = $("heatmap");
+  const label = $("subtype").value;
+  const opacity = Number($("opacity").value) / 100;
+  const win = answer.windows.find((w) => w.name === $("base-window").value) || answer.windows[0];
+  const heat = answer.heatmaps && answer.heatmaps[label];
+  const [base, overlay] = await Promise.all([
+    drawing(answer, `window:${win.name}`, () => decodePng(win.png)),
+    heat ? drawing(answer, `heat:${label}`, () => colourise(heat)) : null,
+  ]);
+  if (state.current !== answer) return;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.globalAlpha = 1;
+  ctx.imageSmoothingEnabled = true;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(base, 0, 0, canvas.width, canvas.height);
+  if (overlay) {
+    ctx.globalAlpha = opacity;
+    ctx.drawImage(overlay, 0, 0, canvas.width, canvas.height);
+    ctx.globalAlpha = 1;
+  }
+  Object.assign(canvas.dataset, { subtype: label, window: win.name, opacity: String(opacity) });
+}
+
+function drawLegend() {
+  const canvas = $("legend");
+  const ctx = canvas.getContext("2d");
+  for (let x = 0; x < canvas.width; x++) {
+    const [r, g, b] = COLORMAP[Math.round((255 * x) / (canvas.width - 1))];
+    ctx.fillStyle = `rgb(${r},${g},${b})`;
+    ctx.fillRect(x, 0, 1, canvas.height);
+  }
+}
+
+// Strip cells: pale for a low probability, amber at 0.5, red for a high one.
+function stripColour(p) {
+  const stops = [[0, [233, 238, 243]], [0.5, [244, 185, 66]], [1, [198, 40, 40]]];
+  const i = p <= 0.5 ? 0 : 1;
+  const [[p0, c0], [p1, c1]] = [stops[i], stops[i + 1]];
+  const t = Math.min(1, Math.max(0, (p - p0) / (p1 - p0)));
+  return `rgb(${c0.map((c, j) => Math.round(c + t * (c1[j] - c))).join(",")})`;
+}
+
+// ---------------------------------------------------------------- input
+
+async function droppedFiles(transfer) {
+  // Entries are taken before the first await: a DataTransfer is only readable during its event.
+  const entries = [...transfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+  const plain = [...transfer.files];
+  if (!entries.some((entry) => entry.isDirectory)) return plain;
+  const files = [];
+  async function walk(entry) {
+    if (entry.isFile) {
+      files.push(await new Promise((ok, fail) => entry.file(ok, fail)));
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child);
+      }
+    }
+  }
+  for (const entry of entries) await walk(entry);
+  return files;
+}
+
+function editable(target) {
+  if (!(target instanceof HTMLElement)) return false;
+  if (target.isContentEditable || target.tagName === "SELECT" || target.tagName === "TEXTAREA") return true;
+  return target.tagName === "INPUT" && !["file", "button", "submit", "checkbox"].includes(target.type);
+}
+
+function wire() {
+  const input = $("files");
+  input.addEventListener("change", () => {
+    const files = [...input.files];
+    input.value = ""; // choosing the same files again is a new upload
+    if (files.length) run(() => upload(files), "upload");
+  });
+
+  const drop = $("drop");
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (e) => {
+      e.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const files = droppedFiles(e.dataTransfer);
+    run(async () => upload(await files), "upload");
+  });
+  // A file dropped next to the zone must not make the browser leave the page to open it.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const token = $("token").value.trim();
+    if (!token) {
+      $("token-message").textContent = "The token is empty.";
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("token-form").hidden = true;
+    $("token-form").dataset.waiting = "";
+    const { task, what } = state.pending || { task: loadModel, what: "model" };
+    state.pending = null;
+    setStatus("loading", "Sending again with the token…");
+    run(task, what);
+  });
+
+  $("subtype").addEventListener("change", drawHeatmap);
+  $("base-window").addEventListener("change", () => {
+    markWindow();
+    drawHeatmap();
+  });
+  $("opacity").addEventListener("input", () => {
+    $("opacity-value").value = (Number($("opacity").value) / 100).toFixed(2);
+    drawHeatmap();
+  });
+  $("threshold-all").addEventListener("input", () => {
+    const value = Number($("threshold-all").value);
+    $("threshold-all-value").value = value.toFixed(2);
+    for (const label of Object.keys(state.thresholds)) setThreshold(label, value);
+  });
+  $("prev").addEventListener("click", () => step(-1));
+  $("next").addEventListener("click", () => step(1));
+  document.addEventListener("keydown", (e) => {
+    if (editable(e.target) || e.altKey || e.ctrlKey || e.metaKey) return;
+    const delta = { ArrowUp: -1, ArrowLeft: -1, ArrowDown: 1, ArrowRight: 1, Home: -Infinity, End: Infinity }[e.key];
+    if (delta === undefined || state.slices.length < 2) return;
+    e.preventDefault();
+    step(Number.isFinite(delta) ? delta : delta > 0 ? state.slices.length : -state.slices.length);
+  });
+}
+
+async function loadModel() {
+  await ensureModel();
+  if (!state.slices.length && state.upload === null) setStatus("idle", "Choose or drop DICOM files");
+}
+
+wire();
+drawLegend();
+run(loadModel, "model");
