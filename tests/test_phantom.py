@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import cv2
@@ -12,6 +13,7 @@ import pytest
 
 from raysys.dicom import DicomDecodeError, read_dicom
 from raysys.labels import LABELS, read_labels
+from raysys.presets import dicom_to_image
 from raysys.synthetic import phantom
 
 SIZE = 128  # small slices keep the suite fast; geometry is in mm, so anatomy scales
@@ -289,3 +291,103 @@ def test_config_rejects_bad_values(overrides, message):
 def test_quirks_need_enough_images():
     with pytest.raises(ValueError, match="quirks need"):
         phantom.plan_dataset(phantom.PhantomConfig(studies=1, slices_per_study=4, quirks=True))
+
+
+# --- masks (PhantomConfig(masks=True)) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    """The quirky dataset again, with its masks."""
+    out = tmp_path_factory.mktemp("masked")
+    return out, phantom.write_dataset(out, _config(quirks=True, masks=True))
+
+
+@pytest.fixture(scope="module")
+def quirky_twin(tmp_path_factory):
+    """The quirky dataset without any bleed: the same files, sizes and storage where nothing bleeds."""
+    out = tmp_path_factory.mktemp("quirky_twin")
+    return out, phantom.write_dataset(out, _config(quirks=True, prevalence=NO_BLEEDS))
+
+
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(mask.astype(np.uint8), disc).astype(bool)
+
+
+def test_masks_leave_dicoms_and_labels_unchanged(tmp_path):
+    small = dict(studies=3, size=64, quirks=True, quirk_files=1)
+    plain = phantom.write_dataset(tmp_path / "plain", _config(**small))
+    masked = phantom.write_dataset(tmp_path / "masked", _config(**small, masks=True))
+    phantom.write_dataset(tmp_path / "again", _config(**small, masks=True))
+    pd.testing.assert_frame_equal(plain.drop(columns="path"), masked.drop(columns="path"))
+    assert plain["any"].any() and (plain["quirk"] == "size").any()
+    for image in plain.index:
+        name = f"{image}.dcm"
+        assert (tmp_path / "plain" / "dicoms" / name).read_bytes() == (tmp_path / "masked" / "dicoms" / name).read_bytes()
+        npz = f"{image}.npz"
+        assert (tmp_path / "masked" / "masks" / npz).read_bytes() == (tmp_path / "again" / "masks" / npz).read_bytes()
+    assert (tmp_path / "plain" / "labels.csv").read_bytes() == (tmp_path / "masked" / "labels.csv").read_bytes()
+    assert not (tmp_path / "plain" / "masks").exists()
+    assert sorted(p.stem for p in (tmp_path / "masked" / "masks").iterdir()) == sorted(plain.index)
+    with pytest.raises(FileNotFoundError, match=r"masks=True"):
+        phantom.read_masks(tmp_path / "plain", plain.index[0])
+
+
+def test_masks_mark_the_bleeds_pixels(masked, quirky_twin):
+    """Inside each subtype's mask the decoded HU rose against the bleed-free twin; what rose lies in the masks."""
+    _, frame = masked
+    assert frame[SUBTYPES].any().all() and (frame["quirk"] == "size").any()
+    strong_outside, strong = 0, 0
+    for image, row in frame[frame["quirk"] != "truncated"].iterrows():
+        masks = phantom.read_masks(masked[0], image)
+        bleeding = [name for name in SUBTYPES if row[name]]
+        assert list(masks) == ([*bleeding, "any"] if bleeding else []) + [phantom.HEAD_MASK], image
+        hu = _hu(row["path"])
+        rise = hu - _hu(quirky_twin[1].at[image, "path"])
+        assert all(m.shape == hu.shape and m.dtype == bool for m in masks.values()), (image, row["quirk"])
+        if not bleeding:
+            continue
+        for name in bleeding:
+            inside = rise[masks[name]]
+            assert inside.size >= 5, (image, name)
+            assert np.mean(inside >= 3) >= 0.85 and np.median(inside) >= 15, (image, name)
+        np.testing.assert_array_equal(masks["any"], np.logical_or.reduce([masks[name] for name in bleeding]))
+        # Pixels that rose by >= 15 HU lie in the bleed or on its one-pixel partial-volume rim (SAH's soft
+        # sector edges spread a little further).
+        clear = rise >= 15
+        strong += clear.sum()
+        strong_outside += (clear & ~_dilate(masks["any"], 1)).sum()
+    assert strong_outside <= 0.02 * strong, (strong_outside, strong)
+
+
+def test_head_mask_is_inside_the_skull(masked):
+    _, frame = masked
+    for image, row in frame[frame["quirk"] != "truncated"].iterrows():
+        hu, head = _hu(row["path"]), phantom.read_masks(masked[0], image)[phantom.HEAD_MASK]
+        core = cv2.erode(head.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert core.sum() >= 100 and not (hu[core] >= 300).any(), image  # no bone one pixel inside the edge
+        ring = _dilate(head, 2) & ~head
+        assert np.mean(hu[ring] >= 300) >= 0.95, image  # the inner table surrounds it
+        assert head[_interior(hu)].all(), image
+
+
+@pytest.mark.parametrize("size", [50, 96])
+def test_mask_to_input_matches_the_image_geometry(masked, size):
+    """A mask written as a DICOM's pixels (1000 HU on 0) and read by presets.dicom_to_image lands where
+    mask_to_input puts it: uint8 = 255 x the input pixel's mask share, on square and odd-shaped slices."""
+    out, frame = masked
+    for image in [*frame.index[(frame["any"] == 1) & (frame["quirk"] == "")][:3], *frame.index[frame["quirk"] == "size"]]:
+        ds = pydicom.dcmread(frame.at[image, "path"])
+        mask = phantom.read_masks(out, image)[phantom.HEAD_MASK if frame.at[image, "quirk"] else "any"]
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 16, 15, 0, "0"
+        ds.PixelData = (mask.astype("<u2") * 1000).tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        shown = dicom_to_image(buffer.getvalue(), "500/1000", size)[0][0].astype(int)  # (size, size) 0..255
+        if frame.at[image, "quirk"]:
+            assert mask.shape[0] > mask.shape[1]  # padded left and right on the input grid
+        half, touched = phantom.mask_to_input(mask, size, min_share=0.5), phantom.mask_to_input(mask, size)
+        assert half.shape == touched.shape == (size, size) and half.sum() >= 5
+        assert (shown[half] >= 127).all() and (shown[~half] <= 128).all()
+        assert touched[shown > 0].all() and touched[shown == 0].sum() <= 0.02 * touched.sum()

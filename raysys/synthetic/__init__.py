@@ -2,10 +2,22 @@
 
 from raysys.synthetic.phantom import (
     DENSE_PREVALENCE,
+    HEAD_MASK,
     RSNA_PREVALENCE,
     PhantomConfig,
+    mask_to_input,
     plan_dataset,
+    read_masks,
     write_dataset,
 )
 
-__all__ = ["DENSE_PREVALENCE", "RSNA_PREVALENCE", "PhantomConfig", "plan_dataset", "write_dataset"]
+__all__ = [
+    "DENSE_PREVALENCE",
+    "HEAD_MASK",
+    "RSNA_PREVALENCE",
+    "PhantomConfig",
+    "mask_to_input",
+    "plan_dataset",
+    "read_masks",
+    "write_dataset",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from raysys.labels import LABELS, write_labels
+from raysys.windowing import resize_square
 
 SUBTYPES: tuple[str, ...] = tuple(name for name in LABELS if name != "any")
 
@@ -50,6 +52,8 @@ ODD_SHAPE_512 = (638, 490)  # rows, columns of the "size" quirk at size 512 (sca
 VENTRICLE_HEIGHTS = (0.2, 0.85)  # share of the study's height (skull base 0, vertex 1) that shows lateral ventricles
 ZONE_SLICES = (3, 10)  # slices spanned by one study's bleeding (before clipping to the ventricle slices)
 WRAP_LOW_HU, WRAP_HIGH_HU = -1000, 3095  # what the RSNA 12-bit wrapped-intercept files can hold
+MASKS_DIR = "masks"  # beside dicoms/ with PhantomConfig(masks=True): one <image_id>.npz per image
+HEAD_MASK = "head"  # the mask of what lies inside the inner table (where a bleed can be), in every masks file
 
 # Independent random streams, so that e.g. changing the prevalence leaves anatomy, noise and ids alone.
 _LAYOUT, _IDS, _QUIRK_STREAM = 1, 2, 3
@@ -72,6 +76,7 @@ class PhantomConfig:
     quirks: bool = False  # clean files by default; quirks exist to exercise the readers' defect handling
     quirk_files: int = 2  # images per quirk kind: every branch is hit, too few to matter for training
     scan_circle_padding: float = 0.5  # share of studies with PADDING_HU outside the scan circle (True = all)
+    masks: bool = False  # also write each slice's bleed and head masks (read_masks); not for training: costs time
 
     def __post_init__(self) -> None:
         if self.studies < 1:
@@ -551,6 +556,38 @@ def _brain(
     return tissue
 
 
+def _bleed_share(
+    bleed: _Bleed,
+    fld: np.ndarray | None,
+    k: int,
+    canvas: _Canvas,
+    inner: np.ndarray,
+    sulcal: np.ndarray,
+    ventricles: list[tuple[np.ndarray, float, float]],
+) -> np.ndarray:
+    """Coverage 0..1 (box-shaped) of one bleed on slice k: the share of each pixel's brain HU it replaces."""
+    sp = canvas.spacing
+    f = bleed.taper(k)
+    if bleed.subtype in ("epidural", "subdural"):
+        spread = fld / np.float32((0.6 + 0.4 * f) ** 2)
+        profile = np.clip(1 - spread, 0.0, 1.0)
+        if bleed.subtype == "epidural":
+            profile = np.sqrt(profile)  # lens: rounded, steep ends; subdural: long tapering crescent
+        width = np.float32(bleed.size * f) * profile
+        return _inside(width - inner, sp) * np.clip(width / np.float32(sp), 0.0, 1.0)
+    if bleed.subtype == "subarachnoid":
+        sector = np.clip(3 * (1 - fld / np.float32((0.5 + 0.5 * f) ** 2)), 0.0, 1.0)
+        return sector * np.maximum(sulcal, _inside(2.0 - inner, sp))  # sulci and the cortical surface
+    if bleed.subtype == "intraparenchymal":
+        return _inside(np.float32(bleed.size * f) - fld, sp)
+    share = np.zeros_like(canvas.x)  # intraventricular
+    for side, (coverage, cy, half_len) in zip((-1, 1), ventricles):
+        if bleed.side in (0, side):
+            level = cy + half_len * (1 - 2 * bleed.extent * f)
+            share = np.maximum(share, coverage * _inside(canvas.y - np.float32(level), sp))
+    return share
+
+
 def _add_bleed(
     tissue: np.ndarray,
     bleed: _Bleed,
@@ -560,35 +597,20 @@ def _add_bleed(
     inner: np.ndarray,
     sulcal: np.ndarray,
     ventricles: list[tuple[np.ndarray, float, float]],
-) -> None:
-    """Paint one bleed into `tissue` (box-shaped HU, in place) on slice k."""
-    sp = canvas.spacing
-    f = bleed.taper(k)
-    if bleed.subtype in ("epidural", "subdural"):
-        spread = fld / np.float32((0.6 + 0.4 * f) ** 2)
-        profile = np.clip(1 - spread, 0.0, 1.0)
-        if bleed.subtype == "epidural":
-            profile = np.sqrt(profile)  # lens: rounded, steep ends; subdural: long tapering crescent
-        width = np.float32(bleed.size * f) * profile
-        share = _inside(width - inner, sp) * np.clip(width / np.float32(sp), 0.0, 1.0)
-    elif bleed.subtype == "subarachnoid":
-        sector = np.clip(3 * (1 - fld / np.float32((0.5 + 0.5 * f) ** 2)), 0.0, 1.0)
-        share = sector * np.maximum(sulcal, _inside(2.0 - inner, sp))  # sulci and the cortical surface
-    elif bleed.subtype == "intraparenchymal":
-        radius = np.float32(bleed.size * f)
-        _blend(tissue, tissue - 7.0, _inside(np.float32(1.4) * radius - fld, 2 * sp))  # oedema halo
-        share = _inside(radius - fld, sp)
-    else:  # intraventricular
-        share = np.zeros_like(tissue)
-        for side, (coverage, cy, half_len) in zip((-1, 1), ventricles):
-            if bleed.side in (0, side):
-                level = cy + half_len * (1 - 2 * bleed.extent * f)
-                share = np.maximum(share, coverage * _inside(canvas.y - np.float32(level), sp))
+) -> np.ndarray:
+    """Paint one bleed into `tissue` (box-shaped HU, in place) on slice k; returns its coverage (_bleed_share)."""
+    share = _bleed_share(bleed, fld, k, canvas, inner, sulcal, ventricles)
+    if bleed.subtype == "intraparenchymal":  # oedema halo around the clot (not part of the bleed's coverage)
+        radius = np.float32(bleed.size * bleed.taper(k))
+        _blend(tissue, tissue - 7.0, _inside(np.float32(1.4) * radius - fld, 2 * canvas.spacing))
     _blend(tissue, bleed.hu, share)
+    return share
 
 
-def _render(study: _Study, canvas: _Canvas, k: int, rng: np.random.Generator) -> np.ndarray:
-    """HU (rows, cols) float32 of slice k."""
+def _render(
+    study: _Study, canvas: _Canvas, k: int, rng: np.random.Generator, masks: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(HU (rows, cols) float32 of slice k, its masks (_slice_masks) when `masks`, else {})."""
     a, sp, f32 = study.anatomy, canvas.spacing, np.float32
     h = (k + 0.5) / len(study.image_ids)
     depth = f32(_head_scale(h)) * canvas.reach - canvas.r  # mm inside the scalp surface
@@ -596,24 +618,86 @@ def _render(study: _Study, canvas: _Canvas, k: int, rng: np.random.Generator) ->
     ventricles = _ventricles(a, canvas, h)
     sulcal = _sulcal_csf(canvas, inner)
     tissue = _brain(a, canvas, h, inner, sulcal, ventricles)
+    shares: dict[str, np.ndarray] = {}
     for bleed, fld in zip(study.bleeds, canvas.bleed_fields):
         if bleed.first <= k <= bleed.last:
-            _add_bleed(tissue, bleed, fld, k, canvas, inner, sulcal, ventricles)
+            share = _add_bleed(tissue, bleed, fld, k, canvas, inner, sulcal, ventricles)
+            shares[bleed.subtype] = np.maximum(shares[bleed.subtype], share) if bleed.subtype in shares else share
 
     u = np.clip((depth - f32(a.scalp)) / f32(a.skull), 0.0, 1.0)
     bone = f32(1500.0) - f32(2600.0) * u * (1 - u)  # dense outer and inner tables, ~850 HU diploe
     head = _inside(depth, sp)
+    brain = _inside(inner, sp)
     out = canvas.background[canvas.box].copy()
     _blend(out, f32(a.scalp_hu), head)
     _blend(out, bone, _inside(depth - f32(a.scalp), sp))
-    _blend(out, tissue, _inside(inner, sp))
+    _blend(out, tissue, brain)
     rows, cols = out.shape
     noise = rng.standard_normal(((rows + 1) // 2 + 1, (cols + 1) // 2 + 1), dtype=f32) * f32(a.noise)
     out += cv2.resize(noise, (cols, rows), interpolation=cv2.INTER_LINEAR) * head  # correlated, like CT noise
 
     image = canvas.background.copy()
     image[canvas.box] = out
-    return image
+    return image, (_slice_masks(canvas, brain, shares) if masks else {})
+
+
+def _slice_masks(canvas: _Canvas, brain: np.ndarray, shares: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(rows, cols) bool masks of one slice: each bleeding subtype (SUBTYPES order), then HEAD_MASK.
+
+    A pixel belongs to a bleed when the bleed makes up at least half of it (share x brain coverage >= 0.5),
+    to the head when at least half of it lies inside the inner table: the pixel's centre lies inside the
+    shape, as `_inside` draws edges (and as a reader would outline it). `> 0` would add rims and sectors where
+    the blend moved a pixel by less than the noise (SAH's soft sector edges: a few pixels at 128 px)."""
+
+    def full(part: np.ndarray) -> np.ndarray:
+        mask = np.zeros(canvas.background.shape, dtype=bool)
+        mask[canvas.box] = part
+        return mask
+
+    masks = {name: full(shares[name] * brain >= 0.5) for name in SUBTYPES if name in shares}
+    masks[HEAD_MASK] = full(brain >= 0.5)
+    return masks
+
+
+def _write_masks(path: Path, masks: Mapping[str, np.ndarray]) -> None:
+    """An .npz that np.load reads, written with a fixed timestamp so that a config rewrites the same bytes
+    (np.savez_compressed stamps each member with the current time)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, mask in masks.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(mask), allow_pickle=False)
+
+
+def read_masks(out_dir: str | Path, image_id: str) -> dict[str, np.ndarray]:
+    """The masks that write_dataset wrote for one image with PhantomConfig(masks=True): (rows, cols) bool each,
+    on the DICOM's pixel grid (whatever its size).
+
+    Keys: each subtype that bleeds on the slice (SUBTYPES order), "any" (their union) when one does, and
+    HEAD_MASK (inside the inner table) always. A negative slice gives {HEAD_MASK: ...} only.
+    """
+    path = Path(out_dir) / MASKS_DIR / f"{image_id}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no masks for {image_id}; write the dataset with PhantomConfig(masks=True)")
+    with np.load(path, allow_pickle=False) as stored:
+        saved = {name: stored[name] for name in stored.files}
+    masks = {name: saved[name] for name in SUBTYPES if name in saved}
+    if masks:
+        masks["any"] = np.logical_or.reduce(list(masks.values()))
+    masks[HEAD_MASK] = saved[HEAD_MASK]
+    return masks
+
+
+def mask_to_input(mask: np.ndarray, size: int, min_share: float = 0.0) -> np.ndarray:
+    """A (rows, cols) mask on the model's (size, size) input grid, in raysys.presets' geometry (resize_square:
+    the longer side area-resized to `size`, the shorter one kept in proportion and centred between padding).
+
+    (size, size) bool: the input pixels of which more than `min_share` is mask (0: any overlap, so that a
+    bleed thinner than an input pixel still marks the pixel that shows it); padding is never mask."""
+    if not 0.0 <= min_share < 1.0:
+        raise ValueError(f"min_share must lie in [0, 1), got {min_share}")
+    return resize_square(np.asarray(mask, dtype=np.float32), size, fill=0.0) > min_share
 
 
 # --- DICOM files -------------------------------------------------------------------------------
@@ -704,6 +788,9 @@ def _odd_shape(size: int) -> tuple[int, int]:
 def write_dataset(out_dir: str | Path, config: PhantomConfig) -> pd.DataFrame:
     """Write `out_dir/dicoms/ID_*.dcm` and `out_dir/labels.csv` (RSNA layout); return the dataset's frame.
 
+    With `config.masks`, also `out_dir/masks/ID_*.npz` per image (see read_masks); the DICOM files and
+    labels are the same bytes either way.
+
     The frame is indexed by image_id with the LABELS columns (int8) plus patient_id,
     study_id, series_id, z (mm), path and quirk ("" for a clean file). Rerunning a config
     rewrites the same bytes; a `dicoms` folder holding other .dcm files is refused.
@@ -718,6 +805,8 @@ def write_dataset(out_dir: str | Path, config: PhantomConfig) -> pd.DataFrame:
         if stale:
             raise FileExistsError(f"{dicoms} holds {len(stale)} .dcm files of another dataset (e.g. {stale[0]})")
     dicoms.mkdir(parents=True, exist_ok=True)
+    if config.masks:
+        (out / MASKS_DIR).mkdir(exist_ok=True)
 
     spacing = FIELD_OF_VIEW_MM / config.size
     quirks = frame["quirk"]
@@ -728,9 +817,9 @@ def write_dataset(out_dir: str | Path, config: PhantomConfig) -> pd.DataFrame:
             quirk = quirks[image_id]
             rng = np.random.default_rng([config.seed, study.index, _NOISE, k])
             if quirk == "size":
-                image = _render(study, _rasterise(study, *_odd_shape(config.size), spacing), k, rng)
+                image, masks = _render(study, _rasterise(study, *_odd_shape(config.size), spacing), k, rng, config.masks)
             else:
-                image = _render(study, canvas, k, rng)
+                image, masks = _render(study, canvas, k, rng, config.masks)
             storage = quirk if quirk in ("signed", "wrapped_intercept") else "padded" if study.padded else "unsigned"
             _fill(ds, study, k, image, spacing, storage, config.size)
             path = dicoms / f"{image_id}.dcm"
@@ -738,6 +827,8 @@ def write_dataset(out_dir: str | Path, config: PhantomConfig) -> pd.DataFrame:
             if quirk == "truncated":  # an interrupted copy: the file ends half-way through its pixels
                 data = path.read_bytes()
                 path.write_bytes(data[: len(data) - image.size])
+            if config.masks:
+                _write_masks(out / MASKS_DIR / f"{image_id}.npz", masks)
 
     labels = out / "labels.csv"
     write_labels(labels, frame.sort_index())
