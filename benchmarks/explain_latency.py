@@ -10,7 +10,7 @@ The heat maps' layer and method are the service's own (raysys.explain's defaults
 
 After Serve is shut down, `model_ms` breaks the cost down in this process, torch on the replica's threads:
 CPU milliseconds (the least of --repeats, so that other load on the machine counts little) of infer()
-and of explain() at each layer of raysys.explain.LAYERS on the same preprocessed slice, and of encoding
+and of explain() for each (layer, method) of raysys.explain.VARIANTS on the same preprocessed slice, and of encoding
 its 9 PNGs (6 heat maps, 3 windows) as the service does.
 
 Without --checkpoint an untrained InceptionV3 is saved at --image-size (speed does not depend on the
@@ -91,7 +91,7 @@ def model_ms(checkpoint: Path, body: bytes, threads: int, repeats: int) -> dict:
     import torch
 
     from raysys.engine import infer
-    from raysys.explain import LAYERS, explain, png
+    from raysys.explain import VARIANTS, explain, png
     from raysys.model import load_checkpoint
     from raysys.presets import dicom_to_image
 
@@ -111,7 +111,8 @@ def model_ms(checkpoint: Path, body: bytes, threads: int, repeats: int) -> dict:
 
     maps = explain(loaded.model, image, cpu)[1][0]
     return {"infer": least(lambda: infer(loaded.model, image, cpu)),
-            "explain": {layer: least(lambda layer=layer: explain(loaded.model, image, cpu, layer=layer)) for layer in LAYERS},
+            "explain": {f"{layer}/{method}": least(lambda layer=layer, method=method: explain(
+                loaded.model, image, cpu, layer=layer, method=method)) for layer, method in VARIANTS},
             "png_9": least(lambda: [png(a) for a in [*maps, *image[0]]]), "threads": threads}
 
 

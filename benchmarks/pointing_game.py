@@ -1,4 +1,5 @@
-"""Pointing game: does a subtype's heat map peak on that bleed? Every (layer, method) of raysys.explain in one run.
+"""Pointing game: does a subtype's heat map peak on that bleed? Every (layer, method) of raysys.explain.VARIANTS
+in one run.
 
 On --studies held-out phantom studies (the demo's prevalence and 256 px matrix, --seed 3: training uses 1 and 2),
 written with their bleed masks (raysys.synthetic.read_masks), for each positive (slice, label) pair: each subtype
@@ -149,7 +150,7 @@ def main() -> None:
     import torch
 
     from raysys.demo import PREVALENCE_SCALE
-    from raysys.explain import LAYERS, METHODS
+    from raysys.explain import VARIANTS
     from raysys.labels import LABELS
     from raysys.synthetic import RSNA_PREVALENCE, PhantomConfig, write_dataset
 
@@ -174,14 +175,13 @@ def main() -> None:
     prepared_s = time.perf_counter() - began
 
     results, wall = {}, {}
-    for layer in LAYERS:
-        for method in METHODS:
-            start = time.perf_counter()
-            scores = score(model, images, masks, heads, layer, method, args.batch_size)
-            results[f"{layer}/{method}"] = summarise(scores, chance)
-            wall[f"{layer}/{method}"] = round(time.perf_counter() - start, 1)
-            rates = {label: round(r["hit_rate"], 2) for label, r in results[f"{layer}/{method}"].items() if r["pairs"]}
-            log(f"{layer}/{method}: {wall[f'{layer}/{method}']}s, hit rates {rates}")
+    for layer, method in VARIANTS:
+        start = time.perf_counter()
+        scores = score(model, images, masks, heads, layer, method, args.batch_size)
+        results[f"{layer}/{method}"] = summarise(scores, chance)
+        wall[f"{layer}/{method}"] = round(time.perf_counter() - start, 1)
+        rates = {label: round(r["hit_rate"], 2) for label, r in results[f"{layer}/{method}"].items() if r["pairs"]}
+        log(f"{layer}/{method}: {wall[f'{layer}/{method}']}s, hit rates {rates}")
     best = {label: max(results, key=lambda combo: results[combo][label]["hit_rate"])
             for label in LABELS if results[next(iter(results))][label]["pairs"]}
 

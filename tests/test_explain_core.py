@@ -70,6 +70,27 @@ def test_each_subtype_map_is_its_own_backward_pass(model, images, layer):
     assert all(p.grad is None for p in model.parameters())  # explaining trains nothing
 
 
+def test_saliency_is_each_logits_input_gradient_smoothed(model, images):
+    """Saliency against one backward pass per subtype down to the input, smoothed here with OpenCV's Gaussian."""
+    import cv2
+
+    from raysys.explain import SALIENCY_SIGMA
+
+    x = _inputs(images, model, CPU).requires_grad_(True)
+    logits = model(x)
+    sigma = SALIENCY_SIGMA * 128
+    radius = max(1, round(3 * sigma))
+    expected = np.zeros((3, len(LABELS), 128, 128), np.float32)
+    for c in range(len(LABELS)):
+        (g,) = torch.autograd.grad(logits[:, c].sum(), x, retain_graph=True)
+        for b, raw in enumerate(g.abs().sum(1).numpy()):
+            expected[b, c] = cv2.GaussianBlur(raw, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT_101)
+    expected /= expected.max(axis=(2, 3), keepdims=True)
+    probabilities, maps = explain(model, images, CPU)  # the default method
+    np.testing.assert_allclose(maps, expected, atol=2e-4)
+    np.testing.assert_array_equal(probabilities, infer(model, images, CPU))
+
+
 def test_png_round_trips():
     from io import BytesIO
 
@@ -83,5 +104,7 @@ def test_png_round_trips():
 
 
 def test_unknown_layer_or_method_is_refused(model, images):
-    with pytest.raises(ValueError, match="layer must be one of"):
-        explain(model, images, CPU, layer="Conv2d_1a_3x3")
+    with pytest.raises(ValueError, match="method must be one of"):
+        explain(model, images, CPU, layer="Conv2d_1a_3x3", method="gradcam")
+    with pytest.raises(ValueError, match="saliency reads layer 'input'"):
+        explain(model, images, CPU, layer="Mixed_5d", method="saliency")
