@@ -93,3 +93,38 @@ def hostile_bodies(good: bytes, *, seed: int = 0) -> dict[str, bytes]:
     return {"truncated": good[:300], "garbage": np.random.default_rng(seed).bytes(64 * 1024),
             "rle_bomb": rle_bomb, "deflate_bomb": deflate_bomb,
             "no_pixels": good[:pixels + meta_end] + element * (2 * 2**20 // len(element))}
+
+
+def untrained_checkpoints(root: str | Path, paths, size: int) -> tuple[Path, Path]:
+    """(CNN checkpoint, exported sequence checkpoint on that CNN) for serving tests, without training.
+
+    The CNN is an untrained InceptionV3 whose BatchNorm statistics are those of the images at `paths` (one
+    train-mode pass): an untrained network's logits are ~1e7 (every probability 0 or 1, features past float16's
+    range), these are as moderate as a trained model's. The GRU's correction is random, not zero, so the sequence
+    stage answers differently from its CNN. The CNN records epoch 2 (val 0.2), the stage epoch 3 (val 0.1)."""
+    import torch
+
+    from raysys.config import Config
+    from raysys.model import build_model, read_meta, save_checkpoint
+    from raysys.presets import dicom_to_image, to_model_input
+    from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
+
+    root = Path(root)
+    torch.manual_seed(0)
+    config = Config().replace(**{"data.image_size": size}).to_dict()
+    cnn = build_model(image_size=size)
+    images = np.stack([dicom_to_image(str(p), config["data"]["windows"], size)[0] for p in paths])
+    for module in cnn.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the passes: here, the one pass
+    with torch.no_grad():
+        cnn.train()(to_model_input(torch.as_tensor(images), cnn.contract.mean, cnn.contract.std))
+    cnn.eval()
+    cnn_dir = save_checkpoint(root / "cnn", cnn, config=config, epoch=2, metrics={"val_weighted_log_loss": 0.2})
+    gru = SeriesGRU(2048, hidden=16)
+    torch.nn.init.normal_(gru.correct.weight, std=1.0)
+    torch.nn.init.normal_(gru.correct.bias, std=0.5)
+    save_sequence(root / "stage", gru, cnn_meta=read_meta(cnn_dir), cnn=cnn_reference(str(cnn_dir)), config={},
+                  epoch=3, metrics={"val_weighted_log_loss": 0.1})
+    return Path(cnn_dir), Path(export_sequence(str(root / "stage"), str(root / "best")))

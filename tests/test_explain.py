@@ -23,16 +23,15 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from raysys.config import Config, ServeConfig
+from raysys.config import ServeConfig
 from raysys.engine import infer
 from raysys.explain import DEFAULT_LAYER, DEFAULT_METHOD, explain
 from raysys.labels import LABELS
-from raysys.model import build_model, load_checkpoint, read_meta, save_checkpoint
-from raysys.presets import dicom_to_image, to_model_input
-from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
+from raysys.model import load_checkpoint
+from raysys.presets import dicom_to_image
 from raysys.serve import build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port, wait_healthy
+from raysys.testing import free_port, untrained_checkpoints, wait_healthy
 
 SIZE = 80
 LIMIT = 1024 * 1024  # max_body_bytes: a 128 px phantom slice is about 33 KiB
@@ -59,25 +58,7 @@ def checkpoints(tmp_path_factory, phantom):
     """(CNN checkpoint, sequence checkpoint on that CNN). The CNN's BatchNorm statistics come from one train-mode
     pass over the phantom, so its activations are as moderate as a trained model's (an untrained InceptionV3's
     logits are ~1e7, every probability 0 or 1); the GRU's correction is random."""
-    root = tmp_path_factory.mktemp("explain-ck")
-    torch.manual_seed(0)
-    config = Config().replace(**{"data.image_size": SIZE}).to_dict()
-    cnn = build_model(image_size=SIZE)
-    images = np.stack([dicom_to_image(p, config["data"]["windows"], SIZE)[0] for p in phantom])
-    for module in cnn.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the passes: here, the one pass
-    with torch.no_grad():
-        cnn.train()(to_model_input(torch.as_tensor(images), cnn.contract.mean, cnn.contract.std))
-    cnn.eval()
-    cnn_dir = save_checkpoint(root / "cnn", cnn, config=config, epoch=2, metrics={"val_weighted_log_loss": 0.2})
-    gru = SeriesGRU(2048, hidden=16)
-    torch.nn.init.normal_(gru.correct.weight, std=1.0)
-    torch.nn.init.normal_(gru.correct.bias, std=0.5)
-    save_sequence(root / "stage", gru, cnn_meta=read_meta(cnn_dir), cnn=cnn_reference(str(cnn_dir)), config={},
-                  epoch=3, metrics={"val_weighted_log_loss": 0.1})
-    return Path(cnn_dir), Path(export_sequence(str(root / "stage"), str(root / "best")))
+    return untrained_checkpoints(tmp_path_factory.mktemp("explain-ck"), phantom, SIZE)
 
 
 @pytest.fixture(scope="module")

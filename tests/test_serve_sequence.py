@@ -12,15 +12,14 @@ import pytest
 import requests
 import torch
 
-from raysys.config import Config, ServeConfig
+from raysys.config import ServeConfig
 from raysys.engine import embed, infer
 from raysys.labels import LABELS
-from raysys.model import build_model, read_meta, save_checkpoint
-from raysys.presets import dicom_to_image, to_model_input
-from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, load_sequence, save_sequence, score_series
+from raysys.presets import dicom_to_image
+from raysys.sequence import load_sequence, score_series
 from raysys.serve import build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port, wait_healthy
+from raysys.testing import free_port, untrained_checkpoints, wait_healthy
 
 SIZE = 96
 SLICES = 5
@@ -31,28 +30,9 @@ CPU = torch.device("cpu")
 def checkpoints(tmp_path_factory, series):
     """(exported sequence checkpoint, its CNN checkpoint); the GRU's correction is random, not zero, so its answers
     differ from the CNN's."""
-    root = tmp_path_factory.mktemp("seq-ck")
-    torch.manual_seed(0)
-    cnn = build_model(None, image_size=SIZE)
-    config = Config().replace(**{"data.image_size": SIZE}).to_dict()
-    # BatchNorm statistics of the phantom's images (one train-mode pass), so that activations are as moderate as a
-    # trained model's: an untrained InceptionV3's logits are ~1e7, every probability 0 or 1, its features past
-    # float16's range.
-    images = np.stack([dicom_to_image(p, config["data"]["windows"], SIZE)[0] for v in series.values() for p in v])
-    for module in cnn.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the passes: here, the one pass
-    with torch.no_grad():
-        cnn.train()(to_model_input(torch.as_tensor(images), cnn.contract.mean, cnn.contract.std))
-    cnn.eval()
-    cnn_dir = save_checkpoint(root / "cnn", cnn, config=config, epoch=2, metrics={"val_weighted_log_loss": 0.2})
-    gru = SeriesGRU(2048, hidden=16)
-    torch.nn.init.normal_(gru.correct.weight, std=1.0)
-    torch.nn.init.normal_(gru.correct.bias, std=0.5)
-    save_sequence(root / "stage", gru, cnn_meta=read_meta(cnn_dir), cnn=cnn_reference(str(cnn_dir)), config={},
-                  epoch=3, metrics={"val_weighted_log_loss": 0.1})
-    return Path(export_sequence(str(root / "stage"), str(root / "best"))), cnn_dir
+    paths = [p for v in series.values() for p in v]
+    cnn_dir, best = untrained_checkpoints(tmp_path_factory.mktemp("seq-ck"), paths, SIZE)
+    return best, cnn_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-import torch
 from browser import chromium
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
@@ -25,14 +24,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from raysys.config import Config, ServeConfig
+from raysys.config import ServeConfig
 from raysys.labels import LABELS
-from raysys.model import build_model, read_meta, save_checkpoint
-from raysys.presets import dicom_to_image, to_model_input
-from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
 from raysys.serve import build_app
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
-from raysys.testing import free_port, wait_healthy
+from raysys.testing import free_port, untrained_checkpoints, wait_healthy
 
 pytestmark = pytest.mark.slow  # two Serve deployments and a browser
 
@@ -68,25 +64,8 @@ def checkpoints(tmp_path_factory, phantom):
     The CNN's BatchNorm statistics are the phantom's (one train-mode pass): activations are then as moderate as a
     trained model's, so probabilities and heat maps are not all 0 or 1. The GRU's correction is random, not zero,
     so its answers differ from the CNN's."""
-    root = tmp_path_factory.mktemp("viewer-ck")
-    torch.manual_seed(0)
-    model = build_model(image_size=SIZE)
-    config = Config().replace(**{"data.image_size": SIZE}).to_dict()
-    images = np.stack([dicom_to_image(p, config["data"]["windows"], SIZE)[0] for p in phantom])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the passes: here, the one pass
-    with torch.no_grad():
-        model.train()(to_model_input(torch.as_tensor(images), model.contract.mean, model.contract.std))
-    model.eval()
-    cnn = save_checkpoint(root / "cnn", model, config=config, epoch=1, metrics={"val_weighted_log_loss": 0.5})
-    gru = SeriesGRU(2048, hidden=16)
-    torch.nn.init.normal_(gru.correct.weight, std=1.0)
-    torch.nn.init.normal_(gru.correct.bias, std=0.5)
-    save_sequence(root / "stage", gru, cnn_meta=read_meta(cnn), cnn=cnn_reference(str(cnn)), config={}, epoch=2,
-                  metrics={"val_weighted_log_loss": 0.4})
-    return {"cnn": cnn, "sequence": Path(export_sequence(str(root / "stage"), str(root / "sequence")))}
+    cnn, sequence = untrained_checkpoints(tmp_path_factory.mktemp("viewer-ck"), phantom, SIZE)
+    return {"cnn": cnn, "sequence": sequence}
 
 
 @pytest.fixture(scope="module")
