@@ -588,23 +588,13 @@ def _bleed_share(
     return share
 
 
-def _add_bleed(
-    tissue: np.ndarray,
-    bleed: _Bleed,
-    fld: np.ndarray | None,
-    k: int,
-    canvas: _Canvas,
-    inner: np.ndarray,
-    sulcal: np.ndarray,
-    ventricles: list[tuple[np.ndarray, float, float]],
-) -> np.ndarray:
-    """Paint one bleed into `tissue` (box-shaped HU, in place) on slice k; returns its coverage (_bleed_share)."""
-    share = _bleed_share(bleed, fld, k, canvas, inner, sulcal, ventricles)
+def _add_bleed(tissue: np.ndarray, bleed: _Bleed, share: np.ndarray, fld: np.ndarray | None, k: int,
+               canvas: _Canvas) -> None:
+    """Paint one bleed of coverage `share` (_bleed_share) into `tissue` (box-shaped HU, in place) on slice k."""
     if bleed.subtype == "intraparenchymal":  # oedema halo around the clot (not part of the bleed's coverage)
         radius = np.float32(bleed.size * bleed.taper(k))
         _blend(tissue, tissue - 7.0, _inside(np.float32(1.4) * radius - fld, 2 * canvas.spacing))
     _blend(tissue, bleed.hu, share)
-    return share
 
 
 def _render(
@@ -621,7 +611,8 @@ def _render(
     shares: dict[str, np.ndarray] = {}
     for bleed, fld in zip(study.bleeds, canvas.bleed_fields):
         if bleed.first <= k <= bleed.last:
-            share = _add_bleed(tissue, bleed, fld, k, canvas, inner, sulcal, ventricles)
+            share = _bleed_share(bleed, fld, k, canvas, inner, sulcal, ventricles)
+            _add_bleed(tissue, bleed, share, fld, k, canvas)
             shares[bleed.subtype] = np.maximum(shares[bleed.subtype], share) if bleed.subtype in shares else share
 
     u = np.clip((depth - f32(a.scalp)) / f32(a.skull), 0.0, 1.0)
