@@ -1,8 +1,8 @@
 """Heat maps of where the CNN looked, per subtype: input-gradient saliency (the default), Grad-CAM and LayerCAM.
 
 `explain(model, images, device)` runs the same forward pass as `raysys.engine.infer` (same input, same
-precision, so the probabilities are the served ones), then takes the gradient of each of the six logits in one
-batched backward pass (is_grads_batched: six vector-Jacobian products):
+precision, so the probabilities are the served ones), then takes the gradient of each logit asked for (all six by
+default) in one batched backward pass (is_grads_batched: one vector-Jacobian product per label):
 
     saliency: |dlogit/dx| summed over the input channels, Gaussian-smoothed (sigma = SALIENCY_SIGMA x size)
               (Simonyan et al. 2014); the backward pass runs down to the input, at the input's resolution
@@ -23,6 +23,7 @@ for 49% of slices with saliency against 10.5% for a random point in the head, wh
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -43,10 +44,16 @@ SALIENCY_SIGMA = 0.02  # smoothing of saliency maps, share of the input size (2 
 
 
 def explain(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.device, *,
-            layer: str = DEFAULT_LAYER, method: str = DEFAULT_METHOD) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (B, 6) float32, heat maps (B, 6, S, S) float32 in [0, 1]) for uint8 images (B, C, S, S).
+            layer: str = DEFAULT_LAYER, method: str = DEFAULT_METHOD,
+            labels: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (B, 6) float32, heat maps (B, L, S, S) float32 in [0, 1]) for uint8 images (B, C, S, S).
 
+    labels: the indices (into LABELS) of the maps wanted, in that order; default all six. Each map costs a
+    vector-Jacobian product, so one label costs about a third of six (benchmarks/explain_latency.py).
     The model must be in eval mode (as for `infer`); its weights are not changed and get no gradients."""
+    labels = list(range(len(LABELS))) if labels is None else list(labels)
+    if not labels or any(not 0 <= k < len(LABELS) for k in labels):
+        raise ValueError(f"explain: labels must be indices into the {len(LABELS)} labels, at least one; got {labels}")
     saliency = method == "saliency"
     if method not in METHODS or (saliency and layer != INPUT) or (not saliency and layer not in LAYERS):
         raise ValueError(f"explain: method must be one of {METHODS}; saliency reads layer {INPUT!r}, the others one "
@@ -61,16 +68,16 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.d
         with torch.enable_grad(), autocast(device, use_amp(INFERENCE_AMP, device)):
             logits = model(x).float()
             target = x if saliency else seen[0]
-            # Row c of the batched grad_outputs picks logit c of every image: six backward passes in one.
-            picks = torch.eye(len(LABELS), device=device).unsqueeze(1).expand(len(LABELS), len(x), len(LABELS))
+            # Row c of the batched grad_outputs picks logit labels[c] of every image: L backward passes in one.
+            picks = torch.eye(len(LABELS), device=device)[labels].unsqueeze(1).expand(len(labels), len(x), len(LABELS))
             (grads,) = torch.autograd.grad(logits, target, grad_outputs=picks, is_grads_batched=True)
     finally:
         if hook is not None:
             hook.remove()
-    grads = grads.float().detach()  # (6, B, K, h, w)
+    grads = grads.float().detach()  # (L, B, K, h, w)
     size = x.shape[-1]
     if saliency:
-        cam = grads.abs().sum(dim=2).transpose(0, 1)  # (B, 6, S, S)
+        cam = grads.abs().sum(dim=2).transpose(0, 1)  # (B, L, S, S)
         sigma = SALIENCY_SIGMA * size
         radius = max(1, round(3 * sigma))
         cam = gaussian_blur(cam, kernel_size=[2 * radius + 1] * 2, sigma=[sigma] * 2)
@@ -80,7 +87,7 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.d
             cam = (grads.mean(dim=(3, 4), keepdim=True) * activations).sum(dim=2)
         else:
             cam = (grads.clamp(min=0) * activations).sum(dim=2)
-        cam = cam.clamp(min=0).transpose(0, 1)  # (B, 6, h, w)
+        cam = cam.clamp(min=0).transpose(0, 1)  # (B, L, h, w)
         cam = nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
     cam = cam.clamp(min=0)
     peak = cam.amax(dim=(2, 3), keepdim=True)

@@ -7,6 +7,12 @@ GET  /healthz     200 once the model is loaded
 GET  /            the viewer (raysys/viewer/index.html); GET /viewer/NAME its other files (no token: the page
                   asks for the token and sends it with its API calls)
 
+Two deployments: Gateway, the HTTP ingress (0 CPUs, on the head node), reads each body within max_body_bytes and
+relays the request to a HemorrhageService replica (the model, the batching, the routes below), which answers it. When
+a replica is lost with requests in flight (its node crashed, its process died), the Gateway sends each of them once
+more to another replica and, if that fails too, answers 503 JSON with Retry-After, where Serve's proxy alone would
+answer a plain-text 500. An answer that took the second try carries the header `X-Raysys-Retried: 1`.
+
 Preprocessing is the checkpoint's own (windows, size, label order from meta.json,
 through the same presets as training). Responses and logs carry the image id
 (SOPInstanceUID) and a multipart part's position only, never PatientName, PatientID,
@@ -51,7 +57,9 @@ the heat maps' forward pass, which is predict's computation (raysys.explain). Fo
 answer is predict's sequence answer (slice order, series, slice, cnn_probabilities, the series list) with
 heatmaps, windows, size and explain added to each slice; its heat maps explain the CNN's per-slice evidence
 (cnn_probabilities), not the GRU's reading of the series. Heat maps need a backward pass per label: on CPU
-an explained slice costs several forward passes (benchmarks/explain_latency.py).
+an explained slice costs several forward passes (benchmarks/explain_latency.py), so `?labels=any,subdural`
+(comma-separated label names) asks for those maps only (`heatmaps` then holds just them; the probabilities are
+always all six): the viewer asks for the one it shows.
 
 Hostile input costs the sender, not the other clients: decoding runs in a thread pool
 sized to the replica's CPUs, never on the event loop that answers /healthz, and bodies over
@@ -79,6 +87,8 @@ import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from raysys import storage
 from raysys.config import ServeConfig, build_config
@@ -110,6 +120,31 @@ def _is_multipart(request: Request) -> bool:
 def _refused(endpoint: str, error: RequestError) -> JSONResponse:
     log.info("%s rejected: %s %s", endpoint, error.status, error.message)
     return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes; a larger one is drained (up to DRAIN_FACTOR x the limit) and refused (413).
+
+    Answering before the client has written its body makes many clients (Python's urllib among them)
+    see a reset connection instead of the 413; a client that sent `Expect: 100-continue` is waiting
+    for our word and is answered at once."""
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else None
+    over = f"body of {size} bytes is over the {limit}-byte limit" if size is not None and size > limit else None
+    if over and (request.headers.get("expect", "").lower() == "100-continue" or size > DRAIN_FACTOR * limit):
+        raise RequestError(413, over)
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if over is None and received > limit:
+            over, chunks = f"body is over the {limit}-byte limit", []
+        if over is None:
+            chunks.append(chunk)
+        elif received > DRAIN_FACTOR * limit:
+            break  # stop reading: past this the client gets a closed connection, not our answer
+    if over:
+        raise RequestError(413, over)
+    return b"".join(chunks)
 
 
 def _b64_png(image: np.ndarray) -> str:
@@ -189,6 +224,16 @@ def _read_token(token_file: str | None) -> str | None:
     return token
 
 
+def _node_token(token_file: str | None, require_token: bool) -> str | None:
+    """_read_token; when the driver asked for a token and this node has none, refuse to start rather than serve
+    openly (a RuntimeError that Serve shows as the deployment's failure)."""
+    token = _read_token(token_file)
+    if require_token and token is None:
+        raise RuntimeError(f"a bearer token is required but {TOKEN_ENV} is not set on this node; "
+                           "set it in the node's environment before `ray start`, or use serve token_file")
+    return token
+
+
 # Helpers above stand before the class on purpose: Serve serializes the class when the
 # decorator runs, and names defined after it would be missing in the replica.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -202,11 +247,7 @@ class HemorrhageService:
         from raysys.model import load_checkpoint, read_meta
         from raysys.sequence import is_sequence, load_sequence
 
-        self.token = _read_token(token_file)
-        if require_token and self.token is None:
-            # The driver asked for a token, but this node has none: refuse to start rather than serve openly.
-            raise RuntimeError(f"a bearer token is required but {TOKEN_ENV} is not set on this node; "
-                               "set it in the node's environment before `ray start`, or use serve token_file")
+        self.token = _node_token(token_file, require_token)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.gru = None  # the series GRU of a sequence checkpoint; None for a CNN checkpoint
         if is_sequence(read_meta(checkpoint)):
@@ -300,24 +341,47 @@ class HemorrhageService:
         return list(zip(features, logits))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def explain_batch(self, images: list[np.ndarray]) -> list:
-        """Micro-batched heat maps (`_explain_forward`), in a worker thread like `infer`."""
+    async def explain_batch(self, items: list[tuple[np.ndarray, tuple[int, ...]]]) -> list:
+        """Micro-batched heat maps (`_explain_forward`) of (image, label indices) items, in a worker thread like
+        `infer`."""
         self.batching["explain_batches"] += 1
-        self.batching["explain_images"] += len(images)
-        return await asyncio.to_thread(self._explain_forward, np.stack(images))
+        self.batching["explain_images"] += len(items)
+        return await asyncio.to_thread(self._explain_forward, items)
 
-    def _explain_forward(self, images: np.ndarray) -> list:
-        """(B, C, S, S) uint8 -> per image (probabilities (6,), heat maps (6, S, S) float32 in [0, 1]) of the CNN:
-        raysys.explain.explain, whose forward pass is `infer`'s, at its default layer and method."""
+    def _explain_forward(self, items: list[tuple[np.ndarray, tuple[int, ...]]]) -> list:
+        """Per (image (C, S, S) uint8, label indices) item: (probabilities (6,), heat maps (L, S, S) float32 in [0, 1]
+        of its labels) of the CNN, from raysys.explain.explain, whose forward pass is `infer`'s, at its default layer
+        and method. One pass for the batch, for every label any item asked for."""
         from raysys.explain import explain
 
+        wanted = sorted(set().union(*(labels for _, labels in items)))
         with self._model_lock:
-            probabilities, maps = explain(self.model, images, self.device)
-        return list(zip(probabilities, maps))
+            probabilities, maps = explain(self.model, np.stack([image for image, _ in items]), self.device,
+                                          labels=wanted)
+        row = {label: i for i, label in enumerate(wanted)}
+        return [(p, m[[row[label] for label in labels]]) for p, m, (_, labels) in zip(probabilities, maps, items)]
 
-    async def _embed_and_explain(self, image: np.ndarray) -> tuple:
+    async def _embed_and_explain(self, item: tuple[np.ndarray, tuple[int, ...]]) -> tuple:
         """A sequence checkpoint's explain: the GRU's input (as for predict) and the CNN's heat maps of one image."""
-        return tuple(await asyncio.gather(self.infer(image), self.explain_batch(image)))
+        return tuple(await asyncio.gather(self.infer(item[0]), self.explain_batch(item)))
+
+    async def forward(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+        """One HTTP request relayed by the Gateway, answered by this replica's own routes: (status, raw headers,
+        body). scope: the request's ASGI scope (plain fields only); body: already read within max_body_bytes."""
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        start, chunks = {}, []
+
+        async def receive():
+            return pending.pop() if pending else {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, send)  # the FastAPI app of @serve.ingress, with this replica as `self`
+        return start["status"], start.get("headers", []), b"".join(chunks)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -382,28 +446,44 @@ class HemorrhageService:
         if (denied := self._authorize(request)) is not None:
             return denied
         try:
+            labels = self._explained_labels(request)
             decoded = await self._decode(request)
         except RequestError as e:
             return _refused("explain", e)
-        images = self._model_inputs(decoded)
+        items = [(image, labels) for image in self._model_inputs(decoded)]
         if self.gru is not None:
-            outputs, explained = zip(*await self.score(images, self._embed_and_explain))
-            shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained])
+            outputs, explained = zip(*await self.score(items, self._embed_and_explain))
+            shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained], labels)
             return await self._answer_series(request, decoded, list(outputs), start, shown)
-        explained = await self.score(images, self.explain_batch)
-        shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained])
+        explained = await self.score(items, self.explain_batch)
+        shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained], labels)
         results = [{"image_id": d[1], "probabilities": _named(self.meta["labels"], p), **more}
                    for d, (p, _), more in zip(decoded, explained, shown)]
         answer = {"model": self.checkpoint_info, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
         return {**results[0], **answer} if not _is_multipart(request) else {"results": results, **answer}
 
-    def _shown(self, decoded: list[tuple], maps: list[np.ndarray]) -> list[dict]:
-        """Per part: its heat maps (6, S, S) and its own windowed channels as base64 PNGs, with what made them.
-        PNG and base64 encoding take milliseconds per slice: this runs in a worker thread."""
+    def _explained_labels(self, request: Request) -> tuple[int, ...]:
+        """The label indices of `?labels=any,subdural` (comma-separated names, in the order given); all six without
+        the parameter. 400 naming an unknown label."""
+        given = request.query_params.get("labels")
+        if given is None:
+            return tuple(range(len(self.meta["labels"])))
+        names = [name.strip() for name in given.split(",") if name.strip()]
+        unknown = [name for name in names if name not in self.meta["labels"]]
+        if unknown or not names:
+            raise RequestError(400, f"labels: {', '.join(unknown) or 'none given'}; choose among "
+                                    f"{', '.join(self.meta['labels'])} (comma-separated), or leave it out for all")
+        return tuple(dict.fromkeys(self.meta["labels"].index(name) for name in names))
+
+    def _shown(self, decoded: list[tuple], maps: list[np.ndarray], labels: tuple[int, ...]) -> list[dict]:
+        """Per part: its heat maps (L, S, S) of the label indices `labels` and its own windowed channels as base64
+        PNGs, with what made them. PNG and base64 encoding take milliseconds per slice: this runs in a worker
+        thread."""
         from raysys.explain import DEFAULT_LAYER, DEFAULT_METHOD
 
         how = {"method": DEFAULT_METHOD, "layer": DEFAULT_LAYER}  # explain()'s defaults, whatever they become
-        return [{"heatmaps": {label: _b64_png(m) for label, m in zip(self.meta["labels"], part_maps)},
+        names = [self.meta["labels"][k] for k in labels]
+        return [{"heatmaps": {name: _b64_png(m) for name, m in zip(names, part_maps)},
                  # d[0]: the slice's own windows (C, S, S), the middle of a 2.5D stack
                  "windows": [{"name": name, "center": w.center, "width": w.width, "png": _b64_png(channel)}
                              for (name, w), channel in zip(self.window_names, d[0])],
@@ -490,7 +570,7 @@ class HemorrhageService:
 
     async def _bodies(self, request: Request) -> list[bytes]:
         """The DICOM bodies of a request: the raw body, or a multipart body's file parts in order."""
-        body = await self._read_body(request)
+        body = await read_body(request, self.max_body_bytes)
         if _is_multipart(request):
             return await _multipart_files(request, body, self.max_files)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -499,31 +579,6 @@ class HemorrhageService:
         if not body:
             raise RequestError(400, "empty body")
         return [body]
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, at most max_body_bytes; a larger one is drained (up to DRAIN_FACTOR x the limit) and refused.
-
-        Answering before the client has written its body makes many clients (Python's urllib among them)
-        see a reset connection instead of the 413; a client that sent `Expect: 100-continue` is waiting
-        for our word and is answered at once."""
-        limit = self.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else None
-        over = f"body of {size} bytes is over the {limit}-byte limit" if size is not None and size > limit else None
-        if over and (request.headers.get("expect", "").lower() == "100-continue" or size > DRAIN_FACTOR * limit):
-            raise RequestError(413, over)
-        chunks, received = [], 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if over is None and received > limit:
-                over, chunks = f"body is over the {limit}-byte limit", []
-            if over is None:
-                chunks.append(chunk)
-            elif received > DRAIN_FACTOR * limit:
-                break  # stop reading: past this the client gets a closed connection, not our answer
-        if over:
-            raise RequestError(413, over)
-        return b"".join(chunks)
 
     def _preprocess(self, body: bytes, label: str) -> tuple[np.ndarray, str, str, float]:
         """(image, image id, series id, position along the series' axis) of one DICOM body; runs in the decode
@@ -542,6 +597,66 @@ class HemorrhageService:
         return image, meta.image_id, meta.series_id, meta.position
 
 
+HEAD_NODE = "node:__internal_head__"  # a resource only Ray's head node has (1 unit)
+SCOPE_FIELDS = ("type", "asgi", "http_version", "scheme", "method", "path", "raw_path", "root_path", "query_string",
+                "headers", "server", "client")  # what the Gateway passes on of a request's ASGI scope
+LOST = (RayActorError, ReplicaUnavailableError)  # the replica holding a request died or stopped answering
+RETRIED_HEADER = "x-raysys-retried"  # on an answer the Gateway got from a second replica after losing the first
+
+
+# max_ongoing_requests: requests it holds at once, bodies included (at most max_body_bytes each); the rest wait in
+# Serve's queue. 256: four replicas' worth at HemorrhageService's 64.
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}, max_ongoing_requests=256)
+class Gateway:
+    """The HTTP ingress: reads each request's body (within max_body_bytes) and relays it to a HemorrhageService
+    replica, which answers it with its own routes.
+
+    It exists for what a replica cannot do for itself: answer when it is gone. A replica lost with requests in
+    flight (its node crashed, it ran out of memory) fails them with RayActorError; the Gateway sends each such
+    request once more, to another replica (scoring is a pure function of the body, so a second try is safe), and
+    answers 503 JSON with Retry-After if that fails too. Without it Serve's proxy answers them with a plain-text
+    500. The Gateway holds no model and reserves no CPU; it runs on the head node, which a cluster cannot lose
+    without losing Serve itself, so no node loss takes it with the replicas.
+    """
+
+    def __init__(self, service, max_body_bytes: int, token_file: str | None = None, require_token: bool = False):
+        _node_token(token_file, require_token)  # the Gateway authorizes nothing, but must not start to serve openly
+        self.service, self.max_body_bytes = service, max_body_bytes
+        self.lost: set[str] = set()  # replicas reported lost (each is logged once)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            body = await read_body(request, self.max_body_bytes)
+        except RequestError as e:
+            return _refused(request.url.path, e)
+        scope = {k: request.scope[k] for k in SCOPE_FIELDS if k in request.scope}
+        for attempt in (1, 2):
+            try:
+                status, headers, content = await self.service.forward.remote(scope, body)
+                break
+            except LOST as e:
+                self._report(e)
+                if attempt == 2:
+                    return JSONResponse({"error": f"{request.url.path}: the model replica answering it was lost "
+                                                  f"({type(e).__name__}), and so was the retry; try again shortly"},
+                                        status_code=503, headers={"Retry-After": "1"})
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                return JSONResponse({"error": f"{request.url.path}: {e}"}, status_code=503, headers={"Retry-After": "1"})
+        response = Response(content, status_code=status)
+        response.raw_headers = list(headers)  # the replica's own, content-length included
+        if attempt == 2:
+            response.raw_headers.append((RETRIED_HEADER.encode(), b"1"))  # tells the client (and the tests) why it took long
+        return response
+
+    def _report(self, error: Exception) -> None:
+        """One warning per lost replica (by its actor id), however many requests it held."""
+        replica = str(getattr(error, "actor_id", None) or type(error).__name__)
+        if replica not in self.lost:
+            self.lost.add(replica)
+            log.warning("model replica %s lost (%s): its requests in flight are retried once on another replica, "
+                        "then answered 503", replica, type(error).__name__)
+
+
 def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
     """The Serve application for a checkpoint directory (local path or URI; nothing heavy happens here).
 
@@ -555,10 +670,11 @@ def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
     require_token = bool(cfg.token_file or os.environ.get(TOKEN_ENV))
     actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     options = {"num_replicas": cfg.replicas, "ray_actor_options": actor}
-    return HemorrhageService.options(**options).bind(
+    service = HemorrhageService.options(**options).bind(
         checkpoint, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
         max_body_bytes=cfg.max_body_bytes, max_files=cfg.max_files, decode_limits=(cfg.max_image_side, cfg.max_image_bytes),
         decode_threads=max(1, round(cfg.cpus_per_replica)), token_file=cfg.token_file, require_token=require_token)
+    return Gateway.bind(service, max_body_bytes=cfg.max_body_bytes, token_file=cfg.token_file, require_token=require_token)
 
 
 def app(args: dict):

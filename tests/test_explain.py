@@ -300,3 +300,39 @@ def test_sequence_explain_answers_predicts_sequence_answer(server, phantom):
     for key in ("probabilities", "cnn_probabilities"):
         np.testing.assert_allclose(_vector(one[key]), _vector(single[key]), rtol=0, atol=BATCHED_ATOL)
     _check_shown(one, paths[0])
+
+
+def test_labels_asks_for_those_heat_maps_only(server, phantom, model):
+    """`?labels=subdural,any` answers those two maps, in that order, equal (to 8-bit rounding) to the maps of all six
+    and to explain() computed here; the probabilities stay all six and predict's. Batched requests asking for
+    different labels each get their own."""
+    body = phantom[1].read_bytes()
+    everything = _raw(server, "/v1/explain", body).json()
+    r = _raw(server, "/v1/explain?labels=subdural,any", body)
+    assert r.status_code == 200, r.text
+    some = r.json()
+    assert list(some["heatmaps"]) == ["subdural", "any"]
+    assert some["probabilities"] == everything["probabilities"] and some["windows"] == everything["windows"]
+    with _replica_threads():
+        _, expected = explain(model, _image(phantom[1])[None], CPU, labels=[LABELS.index("subdural"), LABELS.index("any")])
+    for k, label in enumerate(["subdural", "any"]):
+        assert np.abs(_png(some["heatmaps"][label]).astype(int) - _png(everything["heatmaps"][label])).max() <= 1
+        assert np.abs(_png(some["heatmaps"][label]).astype(int) - np.round(expected[0, k] * 255)).max() <= 1
+
+    asks = ["any", "epidural", "subdural,intraventricular", None] * 3
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda ask: _raw(server, "/v1/explain" + (f"?labels={ask}" if ask else ""), body), asks))
+    for ask, answer in zip(asks, answers):
+        assert answer.status_code == 200, answer.text
+        assert list(answer.json()["heatmaps"]) == (ask.split(",") if ask else list(LABELS))
+
+    seq = _raw(server, "/seq/v1/explain?labels=any", body, {"Content-Type": "application/dicom"}).json()
+    assert list(seq["heatmaps"]) == ["any"] and "cnn_probabilities" in seq
+
+
+@pytest.mark.parametrize("query", ["labels=", "labels=bleed", "labels=any,Any", "labels=,"])
+def test_unknown_labels_get_a_400_naming_them(server, phantom, query):
+    r = _raw(server, f"/v1/explain?{query}", phantom[0].read_bytes())
+    assert r.status_code == 400 and r.json()["error"].startswith("labels: ")
+    assert "choose among epidural, intraparenchymal" in r.json()["error"]
+    assert _raw(server, "/v1/explain?labels=any", phantom[0].read_bytes()).status_code == 200

@@ -108,3 +108,14 @@ def test_unknown_layer_or_method_is_refused(model, images):
         explain(model, images, CPU, layer="Conv2d_1a_3x3", method="gradcam")
     with pytest.raises(ValueError, match="saliency reads layer 'input'"):
         explain(model, images, CPU, layer="Mixed_5d", method="saliency")
+
+
+def test_labels_pick_maps_in_the_order_given(model, images):
+    """explain(labels=[...]) equals the matching rows of all six maps; an empty or out-of-range list is refused."""
+    _, everything = explain(model, images, CPU)
+    _, picked = explain(model, images, CPU, labels=[5, 0, 3])
+    assert picked.shape == (len(images), 3) + everything.shape[2:]
+    np.testing.assert_allclose(picked, everything[:, [5, 0, 3]], atol=1e-5)
+    for bad in ([], [6], [-1]):
+        with pytest.raises(ValueError, match="labels must be indices"):
+            explain(model, images, CPU, labels=bad)

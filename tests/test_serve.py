@@ -292,8 +292,57 @@ def test_replica_refuses_to_start_without_the_token_the_driver_asked_for(server,
     monkeypatch.setenv(TOKEN_ENV, "only-on-the-driver")  # the session's Ray started without it
     with pytest.raises(RuntimeError, match="Deploying application open failed"):
         serve.run(build_app(str(checkpoint), ServeConfig()), name="open", route_prefix="/open")
-    reason = serve.status().applications["open"].deployments["HemorrhageService"].message
-    assert f"a bearer token is required but {TOKEN_ENV} is not set on this node" in reason
-    # The route exists but no replica serves it.
+    # The Gateway (HTTP) and the model replicas both refuse; whichever failed first is the application's reason.
+    reasons = " ".join(d.message for d in serve.status().applications["open"].deployments.values())
+    assert f"a bearer token is required but {TOKEN_ENV} is not set on this node" in reasons
+    # The route exists but nothing serves it.
     assert requests.post(f"{server}/open/v1/predict", data=b"x", headers=AUTH, timeout=10).status_code == 503
     serve.delete("open")
+
+
+def test_the_gateway_retries_a_lost_replica_once_then_answers_json_503(server):
+    """raysys.serve.Gateway in front of a real deployment whose replica process dies (os._exit) on every request with
+    the body b"die": the retry dies too, and the client gets a JSON 503 with Retry-After instead of Serve's plain-text
+    500. Other bodies are answered through the Gateway unchanged (status, headers, body), before and after."""
+    import os
+
+    from ray import serve
+
+    from raysys.serve import Gateway
+
+    @serve.deployment(max_ongoing_requests=4)
+    class Mortal:
+        def __init__(self):
+            self.pid = os.getpid()
+
+        async def forward(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+            if body == b"die":
+                os._exit(1)  # the process is gone at once, as when a node crashes or the kernel kills it
+            answer = f'{{"method": "{scope["method"]}", "path": "{scope["path"]}", "pid": {self.pid}}}'.encode()
+            return 201, [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode()),
+                         (b"x-raysys-test", b"relayed")], answer
+
+    serve.run(Gateway.bind(Mortal.bind(), max_body_bytes=1024), name="mortal", route_prefix="/mortal")
+    try:
+        def relayed():
+            r = requests.post(f"{server}/mortal/anything", data=b"fine", timeout=60)
+            assert r.status_code == 201 and r.headers["x-raysys-test"] == "relayed"
+            assert r.json()["method"] == "POST" and r.json()["path"].endswith("/anything")
+            return r.json()["pid"]
+
+        first = relayed()
+        r = requests.post(f"{server}/mortal/anything", data=b"die", timeout=120)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "was lost" in r.json()["error"] and "/anything" in r.json()["error"]
+        assert requests.post(f"{server}/mortal/x", data=b"x" * 1025, timeout=60).status_code == 413  # read by the Gateway
+        deadline = time.monotonic() + 120  # Serve starts a replica in place of the dead ones
+        while True:
+            try:
+                assert relayed() != first  # a new process answers
+                break
+            except (AssertionError, requests.RequestException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        serve.delete("mortal")

@@ -3,9 +3,11 @@
 // The page never reads a DICOM header and never shows or sends the user's file names (they often hold a
 // patient's name): it shows only what the API answers, the SOPInstanceUID (image_id) among it.
 //
-//   one file      POST v1/explain (raw body)  -> windows, probabilities, heat maps
+//   one file      POST v1/explain?labels=SUBTYPE (raw body)  -> windows, probabilities, the subtype's heat map
 //   several files POST v1/predict (multipart, one request: a sequence checkpoint reads them as series)
 //                 -> per-slice probabilities in slice order; v1/explain for the selected slice, lazily, cached
+//   each heat map costs the server a backward pass, so the page asks only for the subtype it shows, and asks
+//   again (cached per slice and subtype) when another is chosen
 //   a 401         the token form appears; the token is kept in sessionStorage and the request is sent again
 //
 // Stable hooks (tests and scripts):
@@ -31,7 +33,7 @@ const state = {
   model: null, // the /v1/model answer
   slices: [], // in slice order: {imageId, series, slice, probabilities, cnnProbabilities, file}
   selected: -1,
-  explained: new Map(), // slice index -> Promise of its /v1/explain answer
+  explained: new Map(), // "slice:subtype" -> Promise of that slice's /v1/explain answer with that heat map
   drawings: new WeakMap(), // explain answer -> Map(key -> Promise of a drawable: window bitmap or coloured heat map)
   current: null, // the explain answer on the canvas
   thresholds: {}, // label -> decision threshold in [0, 1]
@@ -134,7 +136,7 @@ async function upload(chosen) {
   let slices;
   let explained = null;
   if (files.length === 1) {
-    explained = postDicom(API.explain, files[0]);
+    explained = postDicom(explainPath($("subtype").value), files[0]);
     const answer = await explained;
     slices = [sliceOf(answer, files[0])];
   } else {
@@ -144,7 +146,7 @@ async function upload(chosen) {
   }
   if (state.upload !== mine) return;
   state.slices = slices;
-  if (explained) state.explained.set(0, explained);
+  if (explained) state.explained.set(`0:${$("subtype").value}`, explained);
   renderStrip();
   await select(0);
 }
@@ -186,14 +188,19 @@ async function mapLimited(items, limit, fn) {
   return out;
 }
 
-function explainSlice(k) {
-  let promise = state.explained.get(k);
+function explainPath(subtype) {
+  return `${API.explain}?labels=${encodeURIComponent(subtype)}`;
+}
+
+function explainSlice(k, subtype) {
+  const key = `${k}:${subtype}`;
+  let promise = state.explained.get(key);
   if (!promise) {
     const file = state.slices[k].file;
     if (!file) return Promise.reject(new ApiError(0, `cannot tell which of the chosen files is slice ${k + 1}`));
-    promise = postDicom(API.explain, file);
-    state.explained.set(k, promise);
-    promise.catch(() => state.explained.get(k) === promise && state.explained.delete(k)); // a failure is not cached
+    promise = postDicom(explainPath(subtype), file);
+    state.explained.set(key, promise);
+    promise.catch(() => state.explained.get(key) === promise && state.explained.delete(key)); // a failure is not cached
   }
   return promise;
 }
@@ -214,7 +221,7 @@ async function select(k) {
   viewer.classList.add("waiting"); // the canvas still shows the previous slice
   let answer;
   try {
-    answer = await explainSlice(k);
+    answer = await explainSlice(k, $("subtype").value);
   } finally {
     if (state.selection === mine) viewer.classList.remove("waiting");
   }
@@ -228,6 +235,28 @@ async function select(k) {
   await drawHeatmap();
   if (state.selection !== mine) return;
   setStatus("ready", `Slice ${k + 1} of ${state.slices.length} ready`, { slice: k, imageId: s.imageId });
+}
+
+// Another subtype chosen: its heat map of the slice on screen, asked for now unless the page has it.
+async function showSubtype() {
+  const k = state.selected;
+  const answer = state.current;
+  const label = $("subtype").value;
+  if (k < 0 || !answer || answer.heatmaps[label]) return drawHeatmap();
+  const mine = (state.selection = Symbol("selection"));
+  setStatus("loading", `Explaining slice ${k + 1} for ${label}…`);
+  $("viewer").classList.add("waiting");
+  let more;
+  try {
+    more = await explainSlice(k, label);
+  } finally {
+    if (state.selection === mine) $("viewer").classList.remove("waiting");
+  }
+  if (state.selection !== mine || state.current !== answer) return;
+  Object.assign(answer.heatmaps, more.heatmaps); // the slice's answer keeps every map fetched for it
+  await drawHeatmap();
+  if (state.selection !== mine) return;
+  setStatus("ready", `Slice ${k + 1} of ${state.slices.length} ready`, { slice: k, imageId: state.slices[k].imageId });
 }
 
 function step(delta) {
@@ -595,7 +624,7 @@ function wire() {
     run(task, what);
   });
 
-  $("subtype").addEventListener("change", drawHeatmap);
+  $("subtype").addEventListener("change", () => run(showSubtype, "slice"));
   $("base-window").addEventListener("change", () => {
     markWindow();
     drawHeatmap();
