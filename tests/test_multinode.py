@@ -2,12 +2,12 @@
 serving each lose a worker node mid-run and carry on.
 
 One cluster for the module: a head with no CPUs (it runs the driver and the 0-CPU actors: Train's controller,
-Ray Data's coordinators, Serve's controller and proxy) and two worker nodes of NODE_CPUS logical CPUs each, told
-apart by a custom resource of their own name. Logical CPUs are scheduling labels: both worker nodes share this
-machine's cores. A node is lost the hard way (every process SIGKILLed at once, as in a crash), so Ray learns of it
-from missed health checks. The cluster keeps its files, and its `ray_current_cluster` address file, in a temp dir
-of its own, so that no other Ray on the machine connects to it, and is shut down before the suite's shared Ray
-starts.
+Ray Data's coordinators, Serve's controller and proxy, raysys's Serve Gateway) and two worker nodes of NODE_CPUS
+logical CPUs each, told apart by a custom resource of their own name. Logical CPUs are scheduling labels: both
+worker nodes share this machine's cores. A node is lost the hard way (every process SIGKILLed at once, as in a
+crash), so Ray learns of it from missed health checks. The cluster keeps its files, and its `ray_current_cluster`
+address file, in a temp dir of its own, so that no other Ray on the machine connects to it, and is shut down before
+the suite's shared Ray starts.
 """
 
 from __future__ import annotations
