@@ -10,8 +10,10 @@ series' weighted log loss. The best is exported with its CNN as one self-contain
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -58,6 +60,8 @@ from raysys.train import (
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # the exported, self-contained sequence checkpoint inside the run directory
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's controller polls its workers
+POLL_S = 0.2  # the sequence stage's: see _poll_every
 SPLIT_KEYS = ("val_fraction", "folds", "fold", "seed")  # what decides which patients validate
 
 
@@ -118,7 +122,8 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
                   "val": _series_dataset(data.val, s.features, 1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = finish(run_dir, trainer.fit())
+    with _poll_every(POLL_S):
+        result = finish(run_dir, trainer.fit())
     if not export:
         return result
     best = export_sequence(result.best_checkpoint, storage.join(run_dir, BEST_DIR))
@@ -196,6 +201,22 @@ def read_meta_config(checkpoint: str) -> dict | None:
 # --- the worker loop (glue only: the work is in sequence.py) ---------------------------------
 
 
+@contextmanager
+def _poll_every(seconds: float):
+    """Train's controller collects each worker's `ray.train.report` on its health-check poll, every 2 s by default,
+    and a report waits for the one before to be collected: a GRU epoch of ~0.1 s would wait 2 s for each (40 s of a
+    20-epoch stage on 2 CPU cores). The controller started meanwhile polls every `seconds` instead (Ray passes
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S from this process's environment to it); a value the user set is kept."""
+    if HEALTH_CHECK_ENV in os.environ:
+        yield
+        return
+    os.environ[HEALTH_CHECK_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(HEALTH_CHECK_ENV, None)
+
+
 def sequence_loop(config: dict) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(config["cfg"])
@@ -226,8 +247,7 @@ def sequence_loop(config: dict) -> None:
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, **stats, **_flatten(scores), "epoch_seconds": epoch_seconds[-1]}
         history.append(metrics)
-        # A checkpoint when the validation score improves, and at the end (what a resumed run starts from):
-        # persisting one costs ~2 s on 2 cores, ten times an epoch of the GRU.
+        # A checkpoint when the validation score improves, and at the end (what a resumed run starts from).
         improved = metrics[SCORE] < min((h[SCORE] for h in history[:-1]), default=float("inf"))
         if rank == 0 and (improved or epoch == s.epochs):
             with tempfile.TemporaryDirectory() as tmp:
