@@ -135,8 +135,9 @@ async function upload(chosen) {
   await ensureModel();
   let slices;
   let explained = null;
+  const subtype = $("subtype").value; // the heat map asked for with a single file's upload
   if (files.length === 1) {
-    explained = postDicom(explainPath($("subtype").value), files[0]);
+    explained = postDicom(explainPath(subtype), files[0]);
     const answer = await explained;
     slices = [sliceOf(answer, files[0])];
   } else {
@@ -146,7 +147,7 @@ async function upload(chosen) {
   }
   if (state.upload !== mine) return;
   state.slices = slices;
-  if (explained) state.explained.set(`0:${$("subtype").value}`, explained);
+  if (explained) state.explained.set(`0:${subtype}`, explained);
   renderStrip();
   await select(0);
 }
@@ -242,7 +243,10 @@ async function showSubtype() {
   const k = state.selected;
   const answer = state.current;
   const label = $("subtype").value;
-  if (k < 0 || !answer || answer.heatmaps[label]) return drawHeatmap();
+  if (k < 0) return;
+  // The selected slice still loading (the canvas shows another): load it again, with this subtype's map.
+  if (!answer || answer.image_id !== state.slices[k].imageId) return select(k);
+  if (answer.heatmaps[label]) return drawHeatmap();
   const mine = (state.selection = Symbol("selection"));
   setStatus("loading", `Explaining slice ${k + 1} for ${label}…`);
   $("viewer").classList.add("waiting");
