@@ -37,6 +37,7 @@ from _common import add_ray_flags, emit, init_ray, log, machine, untrained_check
 from ray import serve
 
 from raysys.config import ServeConfig
+from raysys.labels import LABELS
 from raysys.model import read_meta
 from raysys.serve import TOKEN_ENV, build_app
 from raysys.synthetic import PhantomConfig, write_dataset
@@ -114,7 +115,7 @@ def model_ms(checkpoint: Path, body: bytes, threads: int, repeats: int) -> dict:
     return {"infer": least(lambda: infer(loaded.model, image, cpu)),
             "explain": {f"{layer}/{method}": least(lambda layer=layer, method=method: explain(
                 loaded.model, image, cpu, layer=layer, method=method)) for layer, method in VARIANTS},
-            "explain_one_label": least(lambda: explain(loaded.model, image, cpu, labels=[len(maps) - 1])),
+            "explain_one_label": least(lambda: explain(loaded.model, image, cpu, labels=[LABELS.index("any")])),
             "png_9": least(lambda: [png(a) for a in [*maps, *image[0]]]), "threads": threads}
 
 
