@@ -117,11 +117,14 @@ def is_dir(path: str | Path) -> bool:
 
 
 def list_files(path: str | Path, suffix: str) -> dict[str, int]:
-    """{file: size in bytes} for every file under a folder (recursively) whose name ends with `suffix`, sorted;
-    URIs keep their scheme."""
+    """{file: size in bytes} for every file under a folder (recursively) whose name ends with `suffix` in any case,
+    sorted; URIs keep their scheme. Entries whose path below the folder starts with "." or "_" are skipped: the
+    files Ray Data's readers list for the same folder and extension."""
     fs, where = _filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
-    found = sorted((i.path, i.size) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    selector = pafs.FileSelector(where, recursive=True)
+    found = sorted((i.path, i.size) for i in fs.get_file_info(selector)
+                   if i.type == pafs.FileType.File and i.path.lower().endswith(suffix.lower())
+                   and not i.path[len(selector.base_dir):].lstrip("/").startswith((".", "_")))
     return {with_scheme(p, str(path)) if is_uri(path) else p: size for p, size in found}
 
 

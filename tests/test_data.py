@@ -3,8 +3,10 @@
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 
 from raysys import data as rdata
+from raysys import storage
 from raysys.augment import image_seed
 from raysys.config import AugmentConfig, DataConfig
 from raysys.dicom import read_dicom
@@ -296,3 +298,20 @@ def test_a_file_cut_inside_its_header_is_an_error_row_not_a_failed_scan(ray_sess
     assert sorted(found.index.index) == sorted(good)
     (reason,) = found.errors["reason"]
     assert list(found.errors["image_id"]) == ["ID_cut"] and "ID_cut.dcm" in reason
+
+
+def test_scan_lists_the_files_ray_data_would_read(ray_session, tmp_path):
+    """scan lists a folder itself (to give its read tasks FILES_PER_TASK files each); the files it finds must be the
+    ones Ray's own reader finds for the same folder: any-case extension, nested folders, and names Ray skips."""
+    for name in ("a.dcm", "B.DCM", "sub/c.dcm", "sub/.d.dcm", ".hidden/e.dcm", "_skip/f.dcm", "_g.dcm", "h.txt",
+                 "sub/deeper/i.Dcm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not a dicom")
+    ours = sorted(storage.list_files(str(tmp_path), ".dcm"))
+    rays = sorted(ray.data.read_binary_files(str(tmp_path), include_paths=True, file_extensions=["dcm"])
+                  .select_columns(["path"]).to_pandas()["path"])
+    assert ours == rays and len(ours) == 5
+    found = rdata.scan(str(tmp_path), training=False, max_error_fraction=1.0)
+    assert sorted(found.errors["path"]) == ours and found.index.empty  # every listed file scanned, each an error
+    with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
+        rdata.scan(str(tmp_path / "nope"), training=False)
