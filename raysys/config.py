@@ -181,13 +181,14 @@ class SequenceConfig:
     dropout: float = 0.5  # on the projected slice inputs
     features: bool = True  # read the CNN's pooled features besides its logits (False: logits only)
     batch_size: int = 8  # series per step
+    patience: int = 5  # stop after this many epochs without a better validation score (0: run every epoch)
 
     def __post_init__(self) -> None:
         if self.cnn:
             _resolve_fields(self, "cnn")
-        if self.epochs < 1 or self.batch_size < 1 or self.hidden < 1:
-            raise ValueError(f"sequence.epochs, batch_size and hidden must be >= 1, "
-                             f"got {self.epochs}, {self.batch_size}, {self.hidden}")
+        if self.epochs < 1 or self.batch_size < 1 or self.hidden < 1 or self.patience < 0:
+            raise ValueError(f"sequence.epochs, batch_size and hidden must be >= 1 and patience >= 0, "
+                             f"got {self.epochs}, {self.batch_size}, {self.hidden}, {self.patience}")
         if self.lr <= 0 or not 0 < self.decay <= 1 or self.weight_decay < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"sequence: need lr > 0, decay in (0, 1], weight_decay >= 0 and dropout in [0, 1), got "
                              f"{self.lr}, {self.decay}, {self.weight_decay}, {self.dropout}")

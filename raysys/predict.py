@@ -40,8 +40,10 @@ class Embedder:
     """map_batches actor: a checkpoint's CNN, loaded once; (B, C, S, S) uint8 -> its pooled features (B, F)
     float16 (F = 0 when `features` is False) and logits (B, 6) float32: the sequence stage's input."""
 
-    def __init__(self, checkpoint: str, features: bool = True):
+    def __init__(self, checkpoint: str, features: bool = True, threads: int | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)  # the CPUs it holds (Ray's OMP_NUM_THREADS rounds them down)
         self.model = load_checkpoint(checkpoint, self.device).model
         self.features = features
 

@@ -119,6 +119,13 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     configure_logging()
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the largest live node: the most one actor can hold."""
+    import ray
+
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+
+
 def cpus_left(held: float, data_cpus: float, what: str) -> float:
     """CPUs the cluster has beyond `held` (what `what` takes: Train workers, an actor pool); warns when that
     leaves less than `data_cpus` for the Ray Data tasks that feed it, which would then wait for CPUs forever

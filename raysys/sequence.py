@@ -122,6 +122,16 @@ def score_series(model: SeriesGRU, series: Sequence[dict[str, np.ndarray]], devi
     return out
 
 
+def epochs_since_best(scores: Sequence[float]) -> int:
+    """Epochs after the best (lowest; the first of equals) score: 0 when the last epoch is the best."""
+    return len(scores) - 1 - int(np.argmin(scores)) if len(scores) else 0
+
+
+def patience_spent(scores: Sequence[float], patience: int) -> bool:
+    """True when `patience` epochs (> 0) have passed without a better score than the best: time to stop."""
+    return patience > 0 and epochs_since_best(scores) >= patience
+
+
 FLOAT16_MAX = 65504.0
 
 

@@ -10,6 +10,7 @@ series' weighted log loss. The best is exported with its CNN as one self-contain
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -30,13 +31,16 @@ from raysys.engine import validation_metrics
 from raysys.labels import LABELS
 from raysys.model import read_meta
 from raysys.predict import Embedder, run_model
+from raysys.runtime import largest_node_cpus
 from raysys.sequence import (
     SEQUENCE_FILE,
     SeriesGRU,
     cnn_reference,
+    epochs_since_best,
     export_sequence,
     is_sequence,
     pad_series,
+    patience_spent,
     save_sequence,
     score_series,
     series_items,
@@ -141,10 +145,10 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
     ds = rdata.image_dataset(index, split.source, windows=cnn_meta["windows"], size=cnn_meta["image_size"],
                              with_labels=False, decode_cpus=cfg.data.decode_cpus,
                              neighbors=cnn_meta.get("neighbors", 0))
-    pool = embedding_pool(cfg, ray.cluster_resources().get("CPU", 0.0))
+    pool = embedding_pool(cfg, ray.cluster_resources().get("CPU", 0.0), largest_node_cpus())
     start = time.perf_counter()
-    out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features}, pool,
-                    len(index), "sequence: CNN embeddings")
+    out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features,
+                                   "threads": embedding_threads(pool)}, pool, len(index), "sequence: CNN embeddings")
     row = pd.Series(np.arange(len(out["image_id"])), index=[str(i) for i in out["image_id"]])
     logits = out["logits"]
     items = []
@@ -159,15 +163,24 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
     return items[0], items[1]
 
 
-def embedding_pool(cfg: Config, cluster_cpus: float) -> InferenceConfig:
-    """The embedding actor pool: one actor per training worker with its resources (at least half a CPU each);
-    on CPUs, no more actors than leave a decode task room, or the actors would wait for images forever."""
+def embedding_pool(cfg: Config, cluster_cpus: float, node_cpus: float | None = None) -> InferenceConfig:
+    """The embedding actor pool: one actor per training worker (a GPU each where training has them). On CPUs the
+    actors share what decoding leaves (at least half a CPU each, no more than one node holds), so no more actors
+    than leave a decode task room, or they would wait for images forever; each runs as many torch threads as it
+    holds CPUs, rounded up (Ray's OMP_NUM_THREADS rounds down: 1.75 CPUs would run one thread)."""
     t = cfg.train
     pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
     if pool.gpus_per_actor > 0:
         return pool
-    fits = int((cluster_cpus - cfg.data.decode_cpus) // pool.cpus_per_actor)
-    return replace(pool, actors=max(1, min(pool.actors, fits)))
+    free = cluster_cpus - cfg.data.decode_cpus
+    actors = max(1, min(pool.actors, int(free // pool.cpus_per_actor)))
+    largest = (node_cpus if node_cpus is not None else cluster_cpus) - cfg.data.decode_cpus
+    return replace(pool, actors=actors, cpus_per_actor=max(pool.cpus_per_actor, min(free / actors, largest)))
+
+
+def embedding_threads(pool: InferenceConfig) -> int:
+    """Torch threads of a CPU embedding actor: its CPUs rounded up."""
+    return max(1, math.ceil(pool.cpus_per_actor - 1e-9))
 
 
 def _series_dataset(items: list[dict], features: bool, workers: int) -> ray.data.Dataset:
@@ -229,6 +242,11 @@ def sequence_loop(config: dict) -> None:
     start, history = _resume(model, optimizer, scheduler, read=_read_sequence_state)
     val = _rows(ray.train.get_dataset_shard("val")) if rank == 0 else None
     tag, epoch_seconds = f"[sequence {name}]", []
+    if patience_spent([h[SCORE] for h in history], s.patience):
+        start = s.epochs + 1  # a relaunch of a run that stopped early: nothing left to train
+    if rank == 0 and history:
+        print(f"{tag} resuming at epoch {start} of {s.epochs}" if start <= s.epochs else
+              f"{tag} resuming: nothing left to train (it ran {history[-1]['epoch']} epochs)", flush=True)
     board = EpochLog(run_dir_for(cfg)) if rank == 0 else None
     mlflow = worker_mlflow(cfg, config.get("mlflow_run_id"))
     for epoch in range(start, s.epochs + 1):
@@ -249,7 +267,9 @@ def sequence_loop(config: dict) -> None:
         history.append(metrics)
         # A checkpoint when the validation score improves, and at the end (what a resumed run starts from).
         improved = metrics[SCORE] < min((h[SCORE] for h in history[:-1]), default=float("inf"))
-        if rank == 0 and (improved or epoch == s.epochs):
+        so_far = [h[SCORE] for h in history]
+        stop = patience_spent(so_far, s.patience)  # the same on every worker: the scores were broadcast
+        if rank == 0 and (improved or stop or epoch == s.epochs):
             with tempfile.TemporaryDirectory() as tmp:
                 save_sequence(tmp, model, cnn_meta=config["cnn_meta"], cnn=config["cnn"], config=cfg.to_dict(),
                               epoch=epoch, metrics={**metrics, "history": history}, optimizer=optimizer,
@@ -264,6 +284,12 @@ def sequence_loop(config: dict) -> None:
                   f"ETA {eta:.0f}s", flush=True)
             board.write(metrics)
             log_epoch(mlflow, metrics)
+            if stop and epoch < s.epochs:
+                best = history[len(so_far) - 1 - epochs_since_best(so_far)]["epoch"]
+                print(f"{tag} stopping after epoch {epoch}: no better {SCORE} than epoch {best}'s in {s.patience} "
+                      f"epochs (sequence.patience)", flush=True)
+        if stop:
+            break
     if board is not None:
         board.close()
 

@@ -90,22 +90,41 @@ def test_very_short_series(length):
     assert [p.shape for p in out] == [(length, 6)] * 2 and all(np.isfinite(p).all() for p in out)
 
 
-@pytest.mark.parametrize(("workers", "cpus", "gpus", "expected"), [
-    (2, 0.5, 0, 2),  # the defaults: two half-CPU actors and 1 CPU left to decode
-    (2, 1.0, 0, 1),  # two whole-CPU actors would hold both CPUs and nothing would decode (it hung)
-    (4, 0.25, 0, 3),  # at least half a CPU each: 3 x 0.5 + 0.25 for decoding
-    (1, 2.0, 0, 1),  # one actor always, even where the cluster is too small (Ray then says it waits)
-    (2, 1.0, 1, 2),  # GPU actors hold no CPU the decode tasks need
+@pytest.mark.parametrize(("workers", "cpus", "gpus", "cluster", "node", "expected", "per_actor", "threads"), [
+    (2, 0.5, 0, 2, 2, 2, 0.875, 1),  # the defaults: two actors share what one decode task leaves
+    (2, 1.0, 0, 2, 2, 1, 1.75, 2),  # two whole-CPU actors would hold both CPUs and nothing would decode (it hung)
+    (4, 0.25, 0, 2, 2, 3, 1.75 / 3, 1),  # at least half a CPU each: 3 actors and 0.25 for decoding
+    (1, 2.0, 0, 2, 2, 1, 2.0, 2),  # one actor always, even where the cluster is too small (Ray then says it waits)
+    (2, 1.0, 1, 2, 2, 2, 1.0, 1),  # GPU actors hold no CPU the decode tasks need
+    (2, 1.0, 0, 6, 2, 2, 1.75, 2),  # three 2-CPU nodes: an actor can hold no more than one node has
 ])
-def test_the_embedding_pool_leaves_a_cpu_for_decoding(workers, cpus, gpus, expected):
+def test_the_embedding_pool_uses_the_cpus_decoding_leaves(workers, cpus, gpus, cluster, node, expected, per_actor,
+                                                          threads):
     from raysys.config import Config
-    from raysys.train_sequence import embedding_pool
+    from raysys.train_sequence import embedding_pool, embedding_threads
 
     cfg = Config().replace(**{"train.workers": workers, "train.cpus_per_worker": cpus, "train.gpus_per_worker": gpus,
                               "data.decode_cpus": 0.25})
-    pool = embedding_pool(cfg, cluster_cpus=2.0)
-    assert pool.actors == expected
-    assert pool.actors * (0 if gpus else pool.cpus_per_actor) + 0.25 <= 2.0 or pool.actors == 1
+    pool = embedding_pool(cfg, cluster_cpus=cluster, node_cpus=node)
+    assert pool.actors == expected and pool.cpus_per_actor == pytest.approx(per_actor)
+    assert pool.actors * (0 if gpus else pool.cpus_per_actor) + 0.25 <= cluster or pool.actors == 1
+    assert embedding_threads(pool) == threads
+
+
+@pytest.mark.parametrize(("scores", "since", "stop_at_2"), [
+    ([], 0, False),
+    ([0.5], 0, False),
+    ([0.5, 0.4, 0.45], 1, False),
+    ([0.5, 0.4, 0.45, 0.41], 2, True),
+    ([0.5, 0.4, 0.4, 0.4], 2, True),  # a tie is no improvement: the first of equal scores is the best
+    ([0.5, 0.6, 0.7, 0.3], 0, False),  # a late best resets the count
+])
+def test_patience_counts_epochs_since_the_best_score(scores, since, stop_at_2):
+    from raysys.sequence import epochs_since_best, patience_spent
+
+    assert epochs_since_best(scores) == since
+    assert patience_spent(scores, 2) is stop_at_2
+    assert not patience_spent(scores, 0)  # 0 turns it off
 
 
 def test_training_that_leaves_no_cpu_for_its_data_says_so(ray_session, caplog):

@@ -21,7 +21,7 @@ from raysys.presets import dicom_to_image
 from raysys.sequence import CNN_DIR, SEQUENCE_FILE, file_sha256, load_sequence, score_series
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.train import SCORE, fit
-from raysys.train_sequence import fit_sequence
+from raysys.train_sequence import fit_sequence, fit_series, prepare_series
 
 pytestmark = pytest.mark.slow
 SIZE = 80
@@ -92,7 +92,11 @@ def test_sequence_run_exports_both_stages_and_beats_its_cnn_on_validation(stages
     assert meta["cnn"]["sha256"] == file_sha256(str(best / CNN_DIR / "model.pt"))  # the copy is what it names
     assert (best / SEQUENCE_FILE).is_file() and meta["windows"] == read_meta(cnn.best_checkpoint)["windows"]
     history = pd.read_csv(Path(seq.run_dir) / "metrics.csv")
-    assert list(history["epoch"]) == list(range(1, 13))
+    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    # Every epoch of 12, or until 5 (sequence.patience) passed without a better score; never stopped sooner.
+    scores = list(history[SCORE])
+    since_best = [n - 1 - int(np.argmin(scores[:n])) for n in range(1, len(scores) + 1)]
+    assert max(since_best[:-1], default=0) < 5 and (len(scores) == 12 or since_best[-1] == 5)
     split = pd.read_csv(Path(seq.run_dir) / "split.csv")
     assert not set(split.loc[split["split"] == "val", "patient_id"]) & set(split.loc[split["split"] == "train", "patient_id"])
     val = split[split["split"] == "val"]
@@ -197,3 +201,17 @@ def test_the_sequence_stage_asks_trains_controller_to_poll_often(monkeypatch):
     with _poll_every(POLL_S):
         assert os.environ[HEALTH_CHECK_ENV] == "1.5"
     assert os.environ[HEALTH_CHECK_ENV] == "1.5"
+
+
+def test_a_run_stops_once_its_patience_is_spent_and_a_relaunch_trains_no_more(stages):
+    cfg = stages["cfg"].replace(**{"train.name": "patience", "sequence.patience": 1, "sequence.lr": 3e-2})
+    data = prepare_series(cfg)
+    first = fit_series(cfg, data)
+    history = pd.read_csv(Path(first.run_dir) / "metrics.csv")
+    scores = list(history[SCORE])
+    best = int(np.argmin(scores))
+    assert len(scores) < 12 and best == len(scores) - 2  # stopped one epoch after its best, the first to be no better
+    assert first.best_metrics["epoch"] == best + 1
+    again = fit_series(cfg, data)  # the same name: Train resumes from the run's last checkpoint, with nothing to do
+    assert len(pd.read_csv(Path(again.run_dir) / "metrics.csv")) == len(scores)
+    assert again.best_metrics[SCORE] == pytest.approx(first.best_metrics[SCORE])
