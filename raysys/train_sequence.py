@@ -124,7 +124,7 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level="WARNING")),
         datasets={"train": _series_dataset(data.train, s.features, t.workers),
                   "val": _series_dataset(data.val, s.features, 1)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if t.workers > 1 else []),
     )
     with _poll_every(POLL_S):
         result = finish(run_dir, trainer.fit())
