@@ -42,9 +42,7 @@ def standalone_rate(cfg, device_name: str) -> float:
 
     device = torch.device(device_name)
     t, size = cfg.train, cfg.data.image_size
-    model = build_model(image_size=size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(image_size=size).to(device, memory_format=torch.channels_last)  # as raysys.train
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 256, (t.batch_size, 3, size, size), dtype=torch.uint8, generator=g).to(device),

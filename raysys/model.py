@@ -243,7 +243,7 @@ def read_state(directory: str | Path) -> dict:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """The one loader for batch inference and serving: eval mode, on `device`, channels_last on CUDA.
+    """The one loader for batch inference and serving: eval mode, on `device`, channels_last.
 
     For a sequence checkpoint (raysys.sequence), its CNN."""
     import yaml
@@ -259,7 +259,5 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
                         neighbors=meta.get("neighbors", 0))
     state = read_state(local)
     model.load_state_dict(state["model"])
-    model.to(device).eval()
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last).eval()  # see raysys.engine's INFERENCE_AMP
     return Checkpoint(model=model, meta=meta, config=config, state=state)

@@ -187,9 +187,7 @@ def train_loop(config: dict) -> None:
     model = build_model(backbone, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits,
                         neighbors=cfg.data.neighbors)
     model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))  # as in raysys.engine
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.decay)  # lr x decay^epoch
     start, history = _resume(model, optimizer, scheduler)

@@ -126,9 +126,13 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path / "ck", model, config=cfg, epoch=3, metrics=metrics, optimizer=optimizer)
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.meta["epoch"] == 3 and loaded.meta["labels"] == list(LABELS) and loaded.meta["image_size"] == SIZE
-    x = to_model_input(val[0]["image"], model.contract.mean, model.contract.std)
+    saved = model.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in loaded.model.state_dict().items())
+    # The loader's model runs channels_last (raysys.engine); the same layout here gives the same numbers.
+    x = to_model_input(val[0]["image"], model.contract.mean, model.contract.std).contiguous(
+        memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
+        assert torch.allclose(loaded.model(x), model.to(memory_format=torch.channels_last)(x), atol=1e-6)
 
 
 def test_a_last_batch_of_one_image_is_skipped_not_fatal():
