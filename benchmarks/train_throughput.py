@@ -1,4 +1,4 @@
-"""Training images/s of the raysys InceptionV3 on one GPU: fp32 vs bf16 autocast + channels_last (+ torch.compile).
+"""Training and inference images/s of the raysys InceptionV3 on one GPU (or CPU): fp32 NCHW vs channels_last, bf16.
 
 Plain torch, no Ray (it runs where Ray is not installed): raysys.model.build_model() with
 Adam (lr 5e-4, the recipe's) and raysys.engine.WeightedBCE, on synthetic uint8 images
@@ -7,10 +7,13 @@ For each batch size (--batch-sizes) and mode, a fresh model runs --warmup steps,
 timed steps between two cuda synchronizes:
 
   fp32       float32, NCHW (cuDNN may still use TF32 for convolutions: torch's default, reported)
+  fp32_cl    float32 + channels_last model and inputs, as raysys.engine does on a CPU
   bf16_cl    torch.autocast(bfloat16) + channels_last model and inputs, as raysys.engine does on CUDA
   compile    bf16_cl + torch.compile(model), only with --compile (compilation happens in the warm-up
              steps, so give it a few)
 
+Then the same model in eval mode times --steps inference passes of the batch under
+torch.inference_mode (inference_images_per_s: what batch predict and Serve run).
 Unlike train_one_epoch, a step does not read loss.item(): this is the GPU's throughput, without
 the per-step host sync. A batch size that runs out of memory is reported as such. Without CUDA it
 runs on the CPU (bf16 there is usually slower; a note says so): for a smoke test use tiny flags.
@@ -37,17 +40,16 @@ from raysys.presets import to_model_input
 LR = 5e-4  # TrainConfig.lr, the reference recipe's Adam learning rate
 
 
-def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> float:
-    """Build a fresh model for `mode`, warm up, then time args.steps steps; images per second."""
+def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> tuple[float, float]:
+    """Build a fresh model for `mode`, warm up, then time args.steps training steps, then args.steps inference
+    passes; (training, inference) images per second."""
     torch.manual_seed(0)
-    amp = mode != "fp32"
-    model = build_model(image_size=args.image_size).to(device).train()
-    if amp:
-        model = model.to(memory_format=torch.channels_last)
+    amp = mode not in ("fp32", "fp32_cl")
+    fmt = torch.contiguous_format if mode == "fp32" else torch.channels_last
+    model = build_model(image_size=args.image_size).to(device, memory_format=fmt).train()
     forward = torch.compile(model) if mode == "compile" else model
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = WeightedBCE().to(device)
-    fmt = torch.channels_last if amp else torch.contiguous_format
     images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch_size, len(LABELS)), device=device).float()
 
@@ -60,14 +62,23 @@ def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> floa
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    return batch_size * args.steps / (time.perf_counter() - start)
+    def infer() -> None:
+        x = to_model_input(images, model.contract.mean, model.contract.std).contiguous(memory_format=fmt)
+        with torch.inference_mode(), autocast(device, amp):
+            forward(x)
+
+    rates = []
+    for fn in (step, infer):
+        model.train(fn is step)
+        for _ in range(args.warmup):
+            fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        synchronize(device)
+        rates.append(batch_size * args.steps / (time.perf_counter() - start))
+    return rates[0], rates[1]
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         name = "cpu"
         log("no CUDA device: running on the CPU; bf16 autocast on CPUs is usually slower than fp32")
-    modes = ["fp32", "bf16_cl"] + (["compile"] if args.compile else [])
+    modes = ["fp32", "fp32_cl", "bf16_cl"] + (["compile"] if args.compile else [])
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     results = []
@@ -101,26 +112,31 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in modes:
             entry = {"mode": mode, "batch_size": batch_size}
             try:
-                entry["images_per_s"] = round(images_per_s(mode, batch_size, args, device), 2)
+                train, inference = images_per_s(mode, batch_size, args, device)
+                entry["images_per_s"], entry["inference_images_per_s"] = round(train, 2), round(inference, 2)
             except torch.cuda.OutOfMemoryError:
-                entry["images_per_s"], entry["error"] = None, "out of memory"
+                entry["images_per_s"], entry["inference_images_per_s"], entry["error"] = None, None, "out of memory"
             if device.type == "cuda":
                 entry["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 torch.cuda.reset_peak_memory_stats(device)
                 torch.cuda.empty_cache()
-            log(f"{mode:8s} batch {batch_size:4d}  {entry['images_per_s']} img/s")
+            log(f"{mode:8s} batch {batch_size:4d}  training {entry['images_per_s']} img/s  "
+                f"inference {entry['inference_images_per_s']} img/s")
             results.append(entry)
 
     rate = {(r["mode"], r["batch_size"]): r["images_per_s"] for r in results}
+    served = {(r["mode"], r["batch_size"]): r["inference_images_per_s"] for r in results}
     result = {"device": name, "device_type": device.type, "cuda": torch.version.cuda,
               "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
               "matmul_precision": torch.get_float32_matmul_precision(),
               "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup, "lr": LR,
               "results": results}
     for bs in batch_sizes:
-        for mode, key in (("bf16_cl", "bf16_speedup"), ("compile", "compile_speedup")):
+        for mode, key in (("fp32_cl", "channels_last_speedup"), ("bf16_cl", "bf16_speedup"),
+                          ("compile", "compile_speedup")):
             if mode in modes and rate[("fp32", bs)] and rate[(mode, bs)]:
                 result[f"{key}_at_{bs}"] = round(rate[(mode, bs)] / rate[("fp32", bs)], 2)
+                result[f"inference_{key}_at_{bs}"] = round(served[(mode, bs)] / served[("fp32", bs)], 2)
     if device.type == "cpu":
         result["note"] = "no CUDA device: measured on the CPU, where bf16 autocast is usually slower"
     result.update(machine())

@@ -39,10 +39,8 @@ def use_amp(setting: str, device: torch.device) -> bool:
 
 
 # The one precision policy of inference (validation, batch predict and Serve alike), so a served number
-# is the validated number: bf16 autocast + channels_last on CUDA, fp32 channels_last on CPU. channels_last on
-# CPU measured on a 2-core Intel Xeon (oneDNN), InceptionV3: batch-32 inference at 96 px 336-340 img/s vs
-# 253-254 NCHW, one slice 10.9-11.0 ms vs 12.6-13.2 (42.8-44.2 vs 58.4-59.1 ms at 256 px); training steps
-# 58.6-60.0 vs 54.0-56.2 img/s at 96 px, 9.8-9.9 vs 8.1 at 256 px.
+# is the validated number: bf16 autocast + channels_last on CUDA, fp32 channels_last on CPU (on a 2-core
+# Intel Xeon, benchmarks/train_throughput.py: inference 1.18-1.51x and training 1.07-1.23x fp32 NCHW's).
 INFERENCE_AMP = "auto"
 
 
