@@ -168,9 +168,10 @@ def _collect(ds: ray.data.Dataset, what: str) -> pd.DataFrame:
 
 def scan_cpus(decode_cpus: float) -> float:
     """CPUs per scan task: one where the cluster has one free (a scan runs before training, not beside it), else
-    `decode_cpus`. Headers parse in a few ms per file, so on small nodes the cost is in the worker processes that
-    fractional tasks start (and Ray stops again when idle): 1,450 files took 1.2 s in 1-CPU tasks against 8.6-10.7 s
-    in quarter-CPU ones on 2 cores."""
+    `decode_cpus`. Headers parse in a few ms per file, so on a fresh small node the cost is in the worker processes
+    that fractional tasks start: the first scan of 1,450 files on 2 cores took 5.2 s in 1-CPU tasks against 12.4 s
+    in quarter-CPU ones (12.9-13.3 s when Ray listed the folder and made its own ~7-file tasks; 1.2 s against 2.1 s
+    once worker processes are running)."""
     return max(decode_cpus, 1.0) if ray.available_resources().get("CPU", 0.0) >= 1.0 else decode_cpus
 
 
