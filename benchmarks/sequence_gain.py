@@ -25,6 +25,7 @@ Run it with --neighbors 0 and 1 to see what 2.5D input adds to the CNN, and the 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -102,69 +103,72 @@ def main() -> None:
 
     cpus = init_ray(args.address, args.num_cpus, dashboard=True)
     tmp = Path(tempfile.mkdtemp(prefix="sequence-gain-"))
-    prevalence = {name: p * 2.0 for name, p in RSNA_PREVALENCE.items()}  # the demo's
-    log(f"writing {args.studies} training and {args.held_out} held-out phantom studies under {tmp}")
-    train = write_dataset(tmp / "train", PhantomConfig(studies=args.studies, size=256, seed=1, prevalence=prevalence))
-    write_dataset(tmp / "held-out", PhantomConfig(studies=args.held_out, size=256, seed=2, prevalence=prevalence))
-    cfg = Config().replace(**{
-        "data.data": str(tmp / "train" / "dicoms"), "data.labels": str(tmp / "train" / "labels.csv"),
-        "data.image_size": args.image_size, "data.val_fraction": 0.2, "data.neighbors": args.neighbors,
-        "model.weights": "none",
-        "train.epochs": args.epochs, "train.batch_size": 16, "train.workers": 1, "train.cpus_per_worker": 1.0,
-        "train.lr": 2e-3, "train.decay": 0.9, "train.storage_path": str(tmp / "runs"), "train.name": "cnn",
-    })
-    began = time.perf_counter()
-    cnn = fit(cfg)
-    cnn_s = time.perf_counter() - began
-    log(f"CNN: {cnn_s:.0f}s, best epoch {cnn.best_metrics['epoch']}")
-    seq_cfg = cfg.replace(**{"sequence.cnn": cnn.best_checkpoint, "train.name": "sequence"})
-    began = time.perf_counter()
-    seq = fit_sequence(seq_cfg)
-    seq_s = time.perf_counter() - began
-    log(f"sequence stage: {seq_s:.0f}s, best epoch {seq.best_metrics['epoch']}")
+    try:
+        prevalence = {name: p * 2.0 for name, p in RSNA_PREVALENCE.items()}  # the demo's
+        log(f"writing {args.studies} training and {args.held_out} held-out phantom studies under {tmp}")
+        train = write_dataset(tmp / "train", PhantomConfig(studies=args.studies, size=256, seed=1, prevalence=prevalence))
+        write_dataset(tmp / "held-out", PhantomConfig(studies=args.held_out, size=256, seed=2, prevalence=prevalence))
+        cfg = Config().replace(**{
+            "data.data": str(tmp / "train" / "dicoms"), "data.labels": str(tmp / "train" / "labels.csv"),
+            "data.image_size": args.image_size, "data.val_fraction": 0.2, "data.neighbors": args.neighbors,
+            "model.weights": "none",
+            "train.epochs": args.epochs, "train.batch_size": 16, "train.workers": 1, "train.cpus_per_worker": 1.0,
+            "train.lr": 2e-3, "train.decay": 0.9, "train.storage_path": str(tmp / "runs"), "train.name": "cnn",
+        })
+        began = time.perf_counter()
+        cnn = fit(cfg)
+        cnn_s = time.perf_counter() - began
+        log(f"CNN: {cnn_s:.0f}s, best epoch {cnn.best_metrics['epoch']}")
+        seq_cfg = cfg.replace(**{"sequence.cnn": cnn.best_checkpoint, "train.name": "sequence"})
+        began = time.perf_counter()
+        seq = fit_sequence(seq_cfg)
+        seq_s = time.perf_counter() - began
+        log(f"sequence stage: {seq_s:.0f}s, best epoch {seq.best_metrics['epoch']}")
 
-    preds = predict_folder(seq.best_checkpoint, str(tmp / "held-out" / "dicoms"), progress=False)
-    metrics = evaluate_predictions(preds, str(tmp / "held-out" / "labels.csv"), seq.best_checkpoint, str(tmp / "eval"))
+        preds = predict_folder(seq.best_checkpoint, str(tmp / "held-out" / "dicoms"), progress=False)
+        metrics = evaluate_predictions(preds, str(tmp / "held-out" / "labels.csv"), seq.best_checkpoint, str(tmp / "eval"))
 
-    meta = read_meta(cnn.best_checkpoint)
-    split = load_split(seq_cfg)
-    train_items, val_items = embed_split(seq_cfg, split, meta)
-    held = held_out_items(cnn.best_checkpoint, tmp / "held-out" / "dicoms", tmp / "held-out" / "labels.csv",
-                          meta["windows"], meta["image_size"], meta["neighbors"])
-    k, rng = len(val_items), np.random.default_rng(0)
-    in_fold, out_of_fold = [], []
-    for draw in range(args.draws):
-        subset = [train_items[i] for i in rng.choice(len(train_items), size=min(k, len(train_items)), replace=False)]
-        in_fold.append(gru_held_out(subset, val_items, held, seq_cfg.sequence, seed=draw))
-        out_of_fold.append(gru_held_out(val_items, subset, held, seq_cfg.sequence, seed=draw))
-        log(f"draw {draw}: in-fold {in_fold[-1]:.4f}, out-of-fold {out_of_fold[-1]:.4f} ({k} series each)")
-    all_in_fold = gru_held_out(train_items, val_items, held, seq_cfg.sequence, seed=0)
+        meta = read_meta(cnn.best_checkpoint)
+        split = load_split(seq_cfg)
+        train_items, val_items = embed_split(seq_cfg, split, meta)
+        held = held_out_items(cnn.best_checkpoint, tmp / "held-out" / "dicoms", tmp / "held-out" / "labels.csv",
+                              meta["windows"], meta["image_size"], meta["neighbors"])
+        k, rng = len(val_items), np.random.default_rng(0)
+        in_fold, out_of_fold = [], []
+        for draw in range(args.draws):
+            subset = [train_items[i] for i in rng.choice(len(train_items), size=min(k, len(train_items)), replace=False)]
+            in_fold.append(gru_held_out(subset, val_items, held, seq_cfg.sequence, seed=draw))
+            out_of_fold.append(gru_held_out(val_items, subset, held, seq_cfg.sequence, seed=draw))
+            log(f"draw {draw}: in-fold {in_fold[-1]:.4f}, out-of-fold {out_of_fold[-1]:.4f} ({k} series each)")
+        all_in_fold = gru_held_out(train_items, val_items, held, seq_cfg.sequence, seed=0)
 
-    result = {
-        "benchmark": "sequence_gain",
-        "machine": machine(),
-        "ray_cpus": cpus,
-        "setup": {"studies": args.studies, "training_slices": len(train), "held_out_studies": args.held_out,
-                  "held_out_slices": metrics["n_images"], "image_size": args.image_size, "cnn_epochs": args.epochs,
-                  "neighbors": args.neighbors,
-                  "sequence": {k: v for k, v in seq_cfg.to_dict()["sequence"].items() if k != "cnn"}},
-        "held_out": {
-            "cnn_weighted_log_loss": metrics["cnn"]["weighted_log_loss"],
-            "sequence_weighted_log_loss": metrics["weighted_log_loss"],
-            "sequence_vs_cnn": metrics["sequence_vs_cnn"],
-            "prior_weighted_log_loss": metrics["prior_weighted_log_loss"],
-            "cnn_auc_any": metrics["cnn"]["per_class_auc"]["any"],
-            "sequence_auc_any": metrics["per_class_auc"]["any"],
-        },
-        "wall_s": {"cnn_fit": round(cnn_s, 1), "sequence_fit": round(seq_s, 1), "sequence_over_cnn": seq_s / cnn_s},
-        "fold_comparison": {
-            "series_each": k, "training_series": len(train_items), "draws": args.draws,
-            "in_fold_held_out": in_fold, "out_of_fold_held_out": out_of_fold,
-            "in_fold_mean": float(np.mean(in_fold)), "out_of_fold_mean": float(np.mean(out_of_fold)),
-            "all_training_series_held_out": all_in_fold,
-            "cnn_held_out": metrics["cnn"]["weighted_log_loss"],
-        },
-    }
+        result = {
+            "benchmark": "sequence_gain",
+            "machine": machine(),
+            "ray_cpus": cpus,
+            "setup": {"studies": args.studies, "training_slices": len(train), "held_out_studies": args.held_out,
+                      "held_out_slices": metrics["n_images"], "image_size": args.image_size, "cnn_epochs": args.epochs,
+                      "neighbors": args.neighbors,
+                      "sequence": {k: v for k, v in seq_cfg.to_dict()["sequence"].items() if k != "cnn"}},
+            "held_out": {
+                "cnn_weighted_log_loss": metrics["cnn"]["weighted_log_loss"],
+                "sequence_weighted_log_loss": metrics["weighted_log_loss"],
+                "sequence_vs_cnn": metrics["sequence_vs_cnn"],
+                "prior_weighted_log_loss": metrics["prior_weighted_log_loss"],
+                "cnn_auc_any": metrics["cnn"]["per_class_auc"]["any"],
+                "sequence_auc_any": metrics["per_class_auc"]["any"],
+            },
+            "wall_s": {"cnn_fit": round(cnn_s, 1), "sequence_fit": round(seq_s, 1), "sequence_over_cnn": seq_s / cnn_s},
+            "fold_comparison": {
+                "series_each": k, "training_series": len(train_items), "draws": args.draws,
+                "in_fold_held_out": in_fold, "out_of_fold_held_out": out_of_fold,
+                "in_fold_mean": float(np.mean(in_fold)), "out_of_fold_mean": float(np.mean(out_of_fold)),
+                "all_training_series_held_out": all_in_fold,
+                "cnn_held_out": metrics["cnn"]["weighted_log_loss"],
+            },
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ~1.2 GB of phantom DICOMs and runs at 200 studies
     emit(result, args.out)
 
 

@@ -23,7 +23,7 @@ from raysys.labels import LABELS
 from raysys.model import build_model, read_meta, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port
+from raysys.testing import PROCESS_ATOL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -195,7 +195,7 @@ def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
         expected = infer(model.eval(), image[None], torch.device("cpu"))[0]
         answer = reply.json()
         assert answer["image_id"] == meta.image_id
-        assert np.allclose([answer["probabilities"][name] for name in LABELS], expected, atol=1e-5)
+        assert np.allclose([answer["probabilities"][name] for name in LABELS], expected, atol=PROCESS_ATOL)
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
     finally:
         subprocess.run([serve_cli, "shutdown", "-y", "--address", address], env=env, capture_output=True, timeout=120)

@@ -13,7 +13,7 @@ from raysys.labels import LABELS
 from raysys.model import _backbone_of, build_model, load_checkpoint, read_meta, save_checkpoint
 from raysys.predict import predict_folder
 from raysys.presets import dicom_to_image
-from raysys.testing import small_phantom
+from raysys.testing import PROCESS_ATOL, small_phantom
 from raysys.train import fit
 
 WINDOWS = "brain,subdural,soft_tissue"
@@ -146,7 +146,7 @@ def test_predict_builds_the_2_5d_input_the_checkpoint_records(phantom, wide_chec
     model = load_checkpoint(wide_checkpoint).model
     frame = preds.frame.set_index("image_id")
     want = infer(model, np.stack([stacks[i] for i in frame.index]), torch.device("cpu"))
-    np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), want, atol=PROCESS_ATOL)
 
 
 @pytest.mark.slow
@@ -172,12 +172,12 @@ def test_serve_builds_the_same_2_5d_input_from_the_request(phantom, wide_checkpo
         answer = requests.post(url, files=files, timeout=60).json()["results"]
         got = np.array([[r["probabilities"][name] for name in LABELS] for r in answer])
         want = infer(model, np.stack([stacks[r["image_id"]] for r in answer]), cpu)
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(got, want, atol=PROCESS_ATOL)
         lone = requests.post(url, data=shuffled[0].read_bytes(), headers={"Content-Type": "application/dicom"},
                              timeout=60).json()
         image = dicom_to_image(shuffled[0], WINDOWS, 80)[0]
         want_lone = infer(model, np.concatenate([image, image, image])[None], cpu)[0]
-        np.testing.assert_allclose([lone["probabilities"][name] for name in LABELS], want_lone, atol=1e-5)
+        np.testing.assert_allclose([lone["probabilities"][name] for name in LABELS], want_lone, atol=PROCESS_ATOL)
     finally:
         serve.shutdown()
 

@@ -15,6 +15,7 @@ from raysys.model import build_model, load_checkpoint, save_checkpoint
 from raysys.predict import evaluate_predictions, predict_folder, submission
 from raysys.presets import dicom_to_image
 from raysys.synthetic import PhantomConfig, write_dataset
+from raysys.testing import PROCESS_ATOL
 
 SIZE = 80
 
@@ -49,7 +50,7 @@ def test_one_row_per_readable_image_equal_to_calling_the_model(setup, preds):
         image, _ = dicom_to_image(row["path"], "brain,subdural,soft_tissue", SIZE)
         direct = infer(model, image[None], torch.device("cpu"))[0]
         got = preds.frame.set_index("image_id").loc[image_id, list(LABELS)].to_numpy(np.float64)
-        assert np.allclose(got, direct, atol=1e-5)
+        assert np.allclose(got, direct, atol=PROCESS_ATOL)
     probs = preds.frame[list(LABELS)].to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
 

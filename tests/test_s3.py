@@ -23,7 +23,7 @@ from raysys.engine import infer
 from raysys.labels import LABELS
 from raysys.model import load_checkpoint
 from raysys.presets import dicom_to_image
-from raysys.testing import free_port, small_phantom, wait_healthy
+from raysys.testing import PROCESS_ATOL, free_port, small_phantom, wait_healthy
 
 pytestmark = pytest.mark.slow
 BUCKET = "raysys-test"
@@ -154,4 +154,4 @@ def test_serve_loads_its_checkpoint_from_the_bucket(ray_session, bucket_run, tmp
     image, _ = dicom_to_image(str(path), local.meta["windows"], local.meta["image_size"])
     expected = infer(local.model, image[None], torch.device("cpu"))[0]
     got = np.array([answer["probabilities"][name] for name in LABELS])
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, expected, atol=PROCESS_ATOL)

@@ -19,7 +19,7 @@ from raysys.model import build_model, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.serve import TOKEN_ENV, build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port, hostile_bodies, wait_healthy
+from raysys.testing import PROCESS_ATOL, free_port, hostile_bodies, wait_healthy
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
@@ -85,7 +85,7 @@ def test_phantom_dicom_gets_six_probabilities_equal_to_the_model(server, checkpo
     assert list(out["probabilities"]) == list(LABELS)
     got = np.array([out["probabilities"][n] for n in LABELS])
     assert ((got >= 0) & (got <= 1)).all()
-    assert np.allclose(got, _expected(checkpoint, body), atol=1e-5)
+    assert np.allclose(got, _expected(checkpoint, body), atol=PROCESS_ATOL)
     assert out["model"]["val_weighted_log_loss"] == 0.123 and out["latency_ms"] > 0
     # Patient data never comes back.
     assert "PatientID" not in r.text and pydicom.dcmread(phantom[0]).PatientID not in r.text
@@ -98,7 +98,7 @@ def test_multipart_with_several_files(server, checkpoint, phantom):
     results = r.json()["results"]
     assert [x["image_id"] for x in results] == [pydicom.dcmread(p).SOPInstanceUID for p in phantom[:3]]
     for x, p in zip(results, phantom[:3]):
-        assert np.allclose([x["probabilities"][n] for n in LABELS], _expected(checkpoint, p.read_bytes()), atol=1e-5)
+        assert np.allclose([x["probabilities"][n] for n in LABELS], _expected(checkpoint, p.read_bytes()), atol=PROCESS_ATOL)
 
 
 def test_concurrent_requests_are_batched_and_all_succeed(server, phantom):
@@ -146,7 +146,7 @@ def test_real_rsna_file(server, checkpoint):
     assert r.status_code == 200, r.text
     assert r.json()["image_id"] == path.stem
     got = np.array([r.json()["probabilities"][n] for n in LABELS])
-    assert np.allclose(got, _expected(checkpoint, path.read_bytes()), atol=1e-5)
+    assert np.allclose(got, _expected(checkpoint, path.read_bytes()), atol=PROCESS_ATOL)
 
 
 def _mr_bytes() -> bytes:

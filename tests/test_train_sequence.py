@@ -20,6 +20,7 @@ from raysys.predict import evaluate_predictions, predict_folder
 from raysys.presets import dicom_to_image
 from raysys.sequence import CNN_DIR, SEQUENCE_FILE, file_sha256, load_sequence, score_series
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
+from raysys.testing import PROCESS_ATOL
 from raysys.train import SCORE, fit
 from raysys.train_sequence import fit_sequence, fit_series, prepare_series
 
@@ -121,9 +122,9 @@ def test_predict_scores_each_series_in_order_and_keeps_one_row_per_image(stages,
     seq, cnn = _expected(checkpoint, good)
     assert sorted(preds.frame["image_id"]) == sorted(seq)  # one row per readable image, none padded or lost
     frame = preds.frame.set_index("image_id")
-    np.testing.assert_allclose(np.stack([seq[i] for i in frame.index]), frame[list(LABELS)].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([seq[i] for i in frame.index]), frame[list(LABELS)].to_numpy(), atol=PROCESS_ATOL)
     cnn_frame = preds.cnn_frame.set_index("image_id").loc[frame.index]
-    np.testing.assert_allclose(np.stack([cnn[i] for i in frame.index]), cnn_frame[list(LABELS)].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([cnn[i] for i in frame.index]), cnn_frame[list(LABELS)].to_numpy(), atol=PROCESS_ATOL)
     assert not np.allclose(frame[list(LABELS)].to_numpy(), cnn_frame[list(LABELS)].to_numpy(), atol=1e-3)
     errors = pd.read_csv(tmp_path / "predict" / "errors.csv")
     assert list(errors["path"]) == [str(broken)]
