@@ -36,7 +36,6 @@ from raysys.sequence import (
     SEQUENCE_FILE,
     SeriesGRU,
     cnn_reference,
-    epochs_since_best,
     export_sequence,
     is_sequence,
     pad_series,
@@ -285,7 +284,7 @@ def sequence_loop(config: dict) -> None:
             board.write(metrics)
             log_epoch(mlflow, metrics)
             if stop and epoch < s.epochs:
-                best = history[len(so_far) - 1 - epochs_since_best(so_far)]["epoch"]
+                best = history[int(np.argmin(so_far))]["epoch"]
                 print(f"{tag} stopping after epoch {epoch}: no better {SCORE} than epoch {best}'s in {s.patience} "
                       f"epochs (sequence.patience)", flush=True)
         if stop:
