@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,6 +227,11 @@ class InferenceConfig:
     cpus_per_actor: float = 1.0  # a CPU actor's torch threads
     tta: str = "none"  # "hflip" averages a mirrored pass
     max_error_fraction: float = 1.0  # inference scores what it can; unreadable files are listed, not fatal
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of a CPU actor: its CPUs rounded up (1.75 CPUs run two threads, not Ray's one)."""
+        return max(1, math.ceil(self.cpus_per_actor - 1e-9))
 
     def __post_init__(self) -> None:
         if self.tta not in ("none", "hflip"):

@@ -23,11 +23,20 @@ from raysys.sequence import is_sequence, load_gru, score_rows, series_items, sig
 log = logging.getLogger(__name__)
 
 
+def _device(threads: int) -> torch.device:
+    """An inference actor's device; on CPU it runs `threads` torch threads (InferenceConfig.threads: the CPUs it
+    holds, rounded up, where Ray's OMP_NUM_THREADS rounds them down)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
 class Predictor:
     """map_batches actor: loads the checkpoint once, then (B, C, S, S) uint8 -> (B, 6) probabilities."""
 
-    def __init__(self, checkpoint: str, tta: str = "none"):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, checkpoint: str, tta: str = "none", threads: int = 1):
+        self.device = _device(threads)
         self.model = load_checkpoint(checkpoint, self.device).model
         self.tta = tta
 
@@ -40,10 +49,8 @@ class Embedder:
     """map_batches actor: a checkpoint's CNN, loaded once; (B, C, S, S) uint8 -> its pooled features (B, F)
     float16 (F = 0 when `features` is False) and logits (B, 6) float32: the sequence stage's input."""
 
-    def __init__(self, checkpoint: str, features: bool = True, threads: int | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if threads and self.device.type == "cpu":
-            torch.set_num_threads(threads)  # the CPUs it holds (Ray's OMP_NUM_THREADS rounds them down)
+    def __init__(self, checkpoint: str, features: bool = True, threads: int = 1):
+        self.device = _device(threads)
         self.model = load_checkpoint(checkpoint, self.device).model
         self.features = features
 
@@ -66,7 +73,8 @@ def run_model(ds: ray.data.Dataset, actor: type, kwargs: dict, cfg: InferenceCon
     """Every row of `ds` through `actor` (Predictor or Embedder) in an actor pool, collected on the driver:
     the actor's output columns concatenated, with a progress line (img/s, ETA) every PROGRESS_EVERY_S."""
     resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {"num_cpus": cfg.cpus_per_actor}
-    ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ds.map_batches(actor, fn_constructor_kwargs={**kwargs, "threads": cfg.threads}, batch_size=cfg.batch_size,
+                        batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.actors), **resources)
     parts, done, start = {}, 0, time.perf_counter()
     shown = start

@@ -10,7 +10,6 @@ series' weighted log loss. The best is exported with its CNN as one self-contain
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -146,8 +145,8 @@ def embed_split(cfg: Config, split, cnn_meta: dict) -> tuple[list[dict], list[di
                              neighbors=cnn_meta.get("neighbors", 0))
     pool = embedding_pool(cfg, ray.cluster_resources().get("CPU", 0.0), largest_node_cpus())
     start = time.perf_counter()
-    out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features,
-                                   "threads": embedding_threads(pool)}, pool, len(index), "sequence: CNN embeddings")
+    out = run_model(ds, Embedder, {"checkpoint": cfg.sequence.cnn, "features": cfg.sequence.features}, pool,
+                    len(index), "sequence: CNN embeddings")
     row = pd.Series(np.arange(len(out["image_id"])), index=[str(i) for i in out["image_id"]])
     logits = out["logits"]
     items = []
@@ -166,7 +165,7 @@ def embedding_pool(cfg: Config, cluster_cpus: float, node_cpus: float | None = N
     """The embedding actor pool: one actor per training worker (a GPU each where training has them). On CPUs the
     actors share what decoding leaves (at least half a CPU each, no more than one node holds), so no more actors
     than leave a decode task room, or they would wait for images forever; each runs as many torch threads as it
-    holds CPUs, rounded up (Ray's OMP_NUM_THREADS rounds down: 1.75 CPUs would run one thread)."""
+    holds CPUs, rounded up (InferenceConfig.threads)."""
     t = cfg.train
     pool = InferenceConfig(actors=t.workers, gpus_per_actor=t.gpus_per_worker, cpus_per_actor=max(t.cpus_per_worker, 0.5))
     if pool.gpus_per_actor > 0:
@@ -175,11 +174,6 @@ def embedding_pool(cfg: Config, cluster_cpus: float, node_cpus: float | None = N
     actors = max(1, min(pool.actors, int(free // pool.cpus_per_actor)))
     largest = (node_cpus if node_cpus is not None else cluster_cpus) - cfg.data.decode_cpus
     return replace(pool, actors=actors, cpus_per_actor=max(pool.cpus_per_actor, min(free / actors, largest)))
-
-
-def embedding_threads(pool: InferenceConfig) -> int:
-    """Torch threads of a CPU embedding actor: its CPUs rounded up."""
-    return max(1, math.ceil(pool.cpus_per_actor - 1e-9))
 
 
 def _series_dataset(items: list[dict], features: bool, workers: int) -> ray.data.Dataset:

@@ -101,14 +101,14 @@ def test_very_short_series(length):
 def test_the_embedding_pool_uses_the_cpus_decoding_leaves(workers, cpus, gpus, cluster, node, expected, per_actor,
                                                           threads):
     from raysys.config import Config
-    from raysys.train_sequence import embedding_pool, embedding_threads
+    from raysys.train_sequence import embedding_pool
 
     cfg = Config().replace(**{"train.workers": workers, "train.cpus_per_worker": cpus, "train.gpus_per_worker": gpus,
                               "data.decode_cpus": 0.25})
     pool = embedding_pool(cfg, cluster_cpus=cluster, node_cpus=node)
     assert pool.actors == expected and pool.cpus_per_actor == pytest.approx(per_actor)
     assert pool.actors * (0 if gpus else pool.cpus_per_actor) + 0.25 <= cluster or pool.actors == 1
-    assert embedding_threads(pool) == threads
+    assert pool.threads == threads
 
 
 @pytest.mark.parametrize(("scores", "since", "stop_at_2"), [
