@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +56,21 @@ class MultiNode:
         return self.node_id(name)
 
     def remove(self, name: str) -> None:
-        """SIGKILL every process of node `name` at once: a node that crashes or is taken away."""
-        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        """SIGKILL every process of node `name` at once: a node that crashes or is taken away.
+
+        Ray's `remove_node` kills the node's own daemons (raylet, agents) but not the workers its raylet started:
+        those notice the raylet's end a moment later and exit themselves, time in which a Serve replica can finish
+        the requests it holds. A crashed machine's workers go with it, so they are killed first, in the same
+        instant.
+        """
+        node = self.nodes.pop(name)
+        raylet = node.all_processes["raylet"][0].process.pid
+        for pid in _descendants(raylet):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # exited meanwhile
+                pass
+        self.cluster.remove_node(node, allow_graceful=False)
 
     def node_id(self, name: str) -> str:
         return self.nodes[name].node_id
@@ -66,6 +80,23 @@ class MultiNode:
 
         return list_actors(address=self.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
                            limit=1000, raise_on_missing_output=False)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 @pytest.fixture(scope="module")
