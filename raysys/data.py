@@ -560,7 +560,7 @@ def _write_shard(batch: dict, out: str) -> dict:
             pa.binary(width), len(good), [None, pa.py_buffer(b"".join(batch["image"][i] for i in good))])
         table = pa.table({"image_id": batch["image_id"][good].astype(str), "image": images})
         storage.write_bytes(storage.join(out, name), _parquet_bytes(
-            table, compression=CACHE_COMPRESSION, row_group_size=64, use_dictionary=False))
+            table, compression=CACHE_COMPRESSION, row_group_size=SHARD_ROWS, use_dictionary=False))
         rows[good] = np.arange(len(good))
     meta = {k: v for k, v in batch.items() if k not in ("image", "bytes")}
     return {**meta, "shard": np.where(rows >= 0, name, ""), "row": rows}
@@ -611,20 +611,34 @@ class _CacheShards(Datasource):
 def _read_shard_rows(entry: dict, shape: tuple[int, int, int]) -> list[pa.Table]:
     """The chosen rows of one shard as (n, C, S, S) uint8, taken from the image column's one buffer."""
     table = pq.read_table(storage.open_bytes(entry["shard"]), columns=["image_id", "image"])
-    column = table.column("image").combine_chunks()
-    raw = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * column.type.byte_width,
-                        offset=column.offset * column.type.byte_width)
     rows, stored = entry["rows"], table.column("image_id").to_numpy(zero_copy_only=False)
     if not (stored[rows] == entry["ids"]).all():
         raise DataError(f"{entry['shard']}: rows do not hold the images the cache index says; prepare it again")
-    # Arrow's own fixed-shape tensor type wraps the taken rows without a copy (Ray's tensor type copies them
-    # into its block at ~0.5 GB/s: 2,300 vs 1,800 img/s for a whole cache epoch on 2 cores).
-    out = {"image": pa.FixedShapeTensorArray.from_numpy_ndarray(raw.reshape(len(column), *shape)[rows]),
+    # Arrow's own fixed-shape tensor type wraps the rows without a copy (Ray's tensor type copies them into its
+    # block at ~0.5 GB/s: 2,300 vs 1,800 img/s for a whole cache epoch on 2 cores).
+    out = {"image": pa.FixedShapeTensorArray.from_numpy_ndarray(_take_images(table.column("image"), rows, shape)),
            "image_id": pa.array(entry["ids"], pa.string())}
     if "labels" in entry:
         labels = np.ascontiguousarray(np.asarray(entry["labels"], np.float32).reshape(len(rows), len(LABELS)))
         out["label"] = pa.FixedShapeTensorArray.from_numpy_ndarray(labels)
     return [pa.table(out)]
+
+
+def _take_images(column: pa.ChunkedArray, rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Rows `rows` of a fixed-size binary column as (n, C, S, S) uint8, read from the column's chunks (one per row
+    group) in place: no copy when the rows are a whole one-chunk shard in order, as a full epoch reads them."""
+    width = column.type.byte_width
+    views = [np.frombuffer(c.buffers()[1], np.uint8, count=len(c) * width, offset=c.offset * width).reshape(len(c), *shape)
+             for c in column.chunks]
+    if len(views) == 1:
+        return views[0] if np.array_equal(rows, np.arange(len(views[0]))) else views[0][rows]
+    starts = np.cumsum([0, *(len(v) for v in views)])  # a cache written with several row groups per shard
+    chunk = np.searchsorted(starts, rows, side="right") - 1
+    out = np.empty((len(rows), *shape), np.uint8)
+    for k, view in enumerate(views):
+        mine = np.flatnonzero(chunk == k)
+        out[mine] = view[rows[mine] - starts[k]]
+    return out
 
 
 def _check_cache(data: str, windows: tuple[Window, ...], size: int) -> None:

@@ -281,8 +281,30 @@ def test_cache_round_trip_equals_direct_decoding(ray_session, phantom, scanned, 
     for image_id, row in from_cache.items():
         assert np.array_equal(row["image"], direct[image_id]["image"])
         assert np.array_equal(row["label"], direct[image_id]["label"])
+    # A whole epoch: every shard read whole and in order (its images handed on without a copy).
+    whole = rdata.image_dataset(cached.index, cached, size=SIZE).take_all()
+    assert [r["image_id"] for r in whole] == list(cached.index.index)
+    assert all(np.array_equal(r["image"], direct[r["image_id"]]["image"]) for r in whole)
     with pytest.raises(rdata.DataError, match="cache holds"):
         rdata.image_dataset(rows, cached, size=SIZE + 32)
+
+
+def test_cache_rows_are_taken_from_every_row_group_of_a_shard():
+    """Shards are one row group since this layout; caches written before hold several (64 rows each)."""
+    import pyarrow as pa
+
+    shape = (2, 3, 3)
+    images = np.random.default_rng(0).integers(0, 256, (10, *shape), dtype=np.uint8)
+    width = images[0].size
+    chunks = [pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(part), [None, pa.py_buffer(part.tobytes())])
+              for part in (images[:4], images[4:5], images[5:])]
+    column = pa.chunked_array(chunks[:1] + chunks[1:])
+    for rows in ([9, 0, 4, 5, 3], [4], list(range(10)), [7, 7, 2]):
+        assert np.array_equal(rdata._take_images(column, np.array(rows), shape), images[rows])
+    whole = pa.chunked_array([pa.concat_arrays(chunks)])
+    taken = rdata._take_images(whole, np.arange(10), shape)
+    assert np.array_equal(taken, images) and not taken.flags.owndata  # a view of the column: no copy
+    assert np.array_equal(rdata._take_images(whole, np.array([3, 1]), shape), images[[3, 1]])
 
 
 def test_a_file_cut_inside_its_header_is_an_error_row_not_a_failed_scan(ray_session, phantom, tmp_path):
