@@ -11,9 +11,25 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@contextmanager
+def env_default(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name` = `value` in this process for the block, unless the user set it (then theirs
+    stays); removed again after. For Ray settings read from the environment of the process that starts something."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def interactive() -> bool:

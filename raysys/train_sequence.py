@@ -10,10 +10,8 @@ series' weighted log loss. The best is exported with its CNN as one self-contain
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,7 +28,7 @@ from raysys.engine import validation_metrics
 from raysys.labels import LABELS
 from raysys.model import read_meta
 from raysys.predict import Embedder, run_model
-from raysys.runtime import largest_node_cpus
+from raysys.runtime import env_default, largest_node_cpus
 from raysys.sequence import (
     SEQUENCE_FILE,
     SeriesGRU,
@@ -63,7 +61,11 @@ log = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # the exported, self-contained sequence checkpoint inside the run directory
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's controller polls its workers
-POLL_S = 0.2  # the sequence stage's: see _poll_every
+# Train's controller collects each worker's `ray.train.report` on its health-check poll, every 2 s by default, and a
+# report waits for the one before to be collected: a GRU epoch of ~0.1 s would wait 2 s for each (40 s of a 20-epoch
+# stage on 2 CPU cores). The sequence stage's controller polls every POLL_S instead (Ray passes the variable from the
+# environment of the process that starts the controller; a value the user set is kept).
+POLL_S = 0.2
 SPLIT_KEYS = ("val_fraction", "folds", "fold", "seed")  # what decides which patients validate
 
 
@@ -124,7 +126,7 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
                   "val": _series_dataset(data.val, s.features, 1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if t.workers > 1 else []),
     )
-    with _poll_every(POLL_S):
+    with env_default(HEALTH_CHECK_ENV, str(POLL_S)):
         result = finish(run_dir, trainer.fit())
     if not export:
         return result
@@ -205,22 +207,6 @@ def read_meta_config(checkpoint: str) -> dict | None:
 
 
 # --- the worker loop (glue only: the work is in sequence.py) ---------------------------------
-
-
-@contextmanager
-def _poll_every(seconds: float):
-    """Train's controller collects each worker's `ray.train.report` on its health-check poll, every 2 s by default,
-    and a report waits for the one before to be collected: a GRU epoch of ~0.1 s would wait 2 s for each (40 s of a
-    20-epoch stage on 2 CPU cores). The controller started meanwhile polls every `seconds` instead (Ray passes
-    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S from this process's environment to it); a value the user set is kept."""
-    if HEALTH_CHECK_ENV in os.environ:
-        yield
-        return
-    os.environ[HEALTH_CHECK_ENV] = str(seconds)
-    try:
-        yield
-    finally:
-        os.environ.pop(HEALTH_CHECK_ENV, None)
 
 
 def sequence_loop(config: dict) -> None:

@@ -15,10 +15,12 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from raysys import storage
 from raysys.config import Config, SweepConfig, from_dict, save_config
 from raysys.model import read_meta
+from raysys.runtime import env_default
 from raysys.sequence import export_sequence
 from raysys.tracking import RUN_DIR_TAG, mlflow_module, recipe_params
 from raysys.train import SCORE, Split, fit_split, load_split, put_backbone
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 BEST_DIR = "best"
 RUNGS_FILE = "asha_rungs.json"
 STAGES = ("cnn", "sequence")
+AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Tune adds none of its default result loggers
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
             ),
             run_config=_tune_run_config(sweep_dir, s, _mlflow_callbacks(tracked, sweep_dir)),
         )
-    grid = tuner.fit()
+    with env_default(AUTO_LOGGERS_ENV, "1"):  # Tune's CSV and JSON result files (_tune_run_config), not its TensorBoard
+        grid = tuner.fit()
     trials = trials_table(grid, s.max_epochs, sweep_dir)
     storage.write_text(storage.join(sweep_dir, "trials.csv"), trials.to_csv(index=False))
     from raysys.report import sweep_plot
@@ -199,7 +203,11 @@ def _tune_run_config(sweep_dir: str, s: SweepConfig, tracking: list) -> tune.Run
         name="tuner", storage_path=sweep_dir,
         failure_config=tune.FailureConfig(max_failures=s.max_trial_failures),
         verbose=0,  # no redrawn status tables: TrialLog writes one line per trial event
-        callbacks=[TrialLog(), *tracking],
+        # Tune's own result files, given here because AUTO_LOGGERS_ENV turns off the defaults (and with them Tune's
+        # TensorBoard logger: each trial's Train run writes its own events, raysys.tracking, which Tune's would
+        # repeat under tuner/, and Tune imports tensorboardX on the first result, 1.4-2.5 s on 2 cores that Ray
+        # reported as a slow callback in four warnings).
+        callbacks=[TrialLog(), CSVLoggerCallback(), JsonLoggerCallback(), *tracking],
     )
 
 

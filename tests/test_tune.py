@@ -107,6 +107,9 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
         # A trial started just before the kill gets a second folder on resume; its results are in one of them.
         (trial_dir,) = [d for d in (sweep_dir / "tuner").glob(f"*{row['trial']}_*") if (d / "result.json").is_file()]
         assert (sweep_dir / "trials" / row["trial"] / "config.yaml").is_file()  # its own Train run
+        # Tune's CSV and JSON result files, not its TensorBoard events: the trial's Train run wrote its own.
+        assert (trial_dir / "progress.csv").is_file() and not list(trial_dir.glob("events.out.tfevents*"))
+        assert list((sweep_dir / "trials" / row["trial"] / "tensorboard").glob("events.out.tfevents*"))
         reported = pd.DataFrame([json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()])
         assert row["best_" + SCORE] == pytest.approx(reported[SCORE].min())
         assert row["epochs_run"] == reported["epoch"].max()
