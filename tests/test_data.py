@@ -227,6 +227,19 @@ def test_image_dataset_equals_direct_decoding(scanned):
         assert np.array_equal(got[image_id]["label"], row[list(LABELS)].to_numpy(np.float32))
 
 
+def test_a_file_gone_since_the_scan_stops_the_epoch_naming_it(ray_session, phantom, tmp_path):
+    out, frame = phantom
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    for image_id in frame.index[frame["quirk"] == ""][:3]:
+        (folder / f"{image_id}.dcm").write_bytes((out / "dicoms" / f"{image_id}.dcm").read_bytes())
+    found = rdata.scan(str(folder), training=False)
+    gone = found.index["path"].iloc[1]
+    (folder / gone).unlink()
+    with pytest.raises(Exception, match=f"{gone}: no such file"):
+        rdata.image_dataset(found.index, found, size=SIZE, with_labels=False).take_all()
+
+
 def test_augmentation_is_reproducible_keeps_shape_and_range(scanned):
     found = scanned[0]
     rows = found.index.iloc[:8]
