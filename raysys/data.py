@@ -115,7 +115,8 @@ def _decode_rows(paths: list[str], windows: tuple[Window, ...] | None, size: int
         except Exception as e:
             if strict:
                 raise
-            reason = str(e) if isinstance(e, (DicomDecodeError, OSError)) else f"{path}: {type(e).__name__}: {e}"
+            named = isinstance(e, DicomDecodeError) or str(path) in str(e)  # storage's own errors name the file
+            reason = str(e) if named else f"{path}: {type(e).__name__}: {e}"
             meta, image, error = None, b"", reason
         out["image_id"].append(meta.image_id if meta and meta.image_id else _image_id_from_path(path))
         out["path"].append(str(path))
