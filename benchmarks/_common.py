@@ -6,12 +6,13 @@ is not installed. Scripts import it as `_common` (their own folder is first on s
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from raysys.storage import to_json
 
 
 def log(msg: str) -> None:
@@ -98,8 +99,8 @@ def init_ray(address: str | None, num_cpus: int, dashboard: bool = False) -> int
 
 
 def emit(result: dict, out: Path | None) -> None:
-    """The one JSON line on stdout (and in `out` when given)."""
-    line = json.dumps(result)
+    """The one JSON line on stdout (and in `out` when given): strict JSON, NaN and infinities as null."""
+    line = to_json(result, indent=None)
     print(line, flush=True)
     if out:
         out.write_text(line + "\n")

@@ -23,7 +23,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +34,7 @@ import pydicom  # noqa: E402
 from pydicom.pixels import apply_modality_lut  # noqa: E402
 
 from raysys.dicom import DicomDecodeError, decode, read_dicom  # noqa: E402
+from raysys.storage import to_json  # noqa: E402
 from raysys.windowing import DEFAULT_WINDOWS, window_pixels  # noqa: E402
 
 BASELINE_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width): brain, subdural, soft tissue
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         **checked,
         "data": str(args.data),
     }
-    line = json.dumps(result)
+    line = to_json(result, indent=None)
     print(line)
     if args.out:
         args.out.write_text(line + "\n")

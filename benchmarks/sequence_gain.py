@@ -162,7 +162,8 @@ def main() -> None:
             "fold_comparison": {
                 "series_each": k, "training_series": len(train_items), "draws": args.draws,
                 "in_fold_held_out": in_fold, "out_of_fold_held_out": out_of_fold,
-                "in_fold_mean": float(np.mean(in_fold)), "out_of_fold_mean": float(np.mean(out_of_fold)),
+                "in_fold_mean": float(np.mean(in_fold)) if in_fold else None,
+                "out_of_fold_mean": float(np.mean(out_of_fold)) if out_of_fold else None,
                 "all_training_series_held_out": all_in_fold,
                 "cnn_held_out": metrics["cnn"]["weighted_log_loss"],
             },

@@ -7,11 +7,17 @@ every local path a flag names is made absolute there, once.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 log = logging.getLogger("raysys")
+
+
+def _print_json(obj) -> None:
+    """A command's one result line on stdout: strict JSON (NaN and infinities as null), as parsers expect."""
+    from raysys.storage import to_json
+
+    print(to_json(obj, indent=None), flush=True)
 
 # Flag tables: CLI flag -> (config key, type, help). A flag's default is always None ("keep the config's").
 RECIPE_FLAGS = {
@@ -152,7 +158,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     frame = write_dataset(out, cfg)
     positives = {name: int(frame[name].sum()) for name in ("any", "epidural", "intraparenchymal",
                                                             "intraventricular", "subarachnoid", "subdural")}
-    print(json.dumps({"out": out, "slices": len(frame), "studies": args.studies, "positives": positives}))
+    _print_json({"out": out, "slices": len(frame), "studies": args.studies, "positives": positives})
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -161,7 +167,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     init_ray(args.address)
-    print(json.dumps(prepare(cfg.data, args.out)))
+    _print_json(prepare(cfg.data, args.out))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -191,8 +197,8 @@ def _print_fit(result, score: str, command: str) -> None:
     from raysys.report import run_page
 
     log.info("report: %s", run_page(result, command))
-    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
-                      score: result.best_metrics[score], "epochs": int(result.history["epoch"].max())}))
+    _print_json({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
+                 score: result.best_metrics[score], "epochs": int(result.history["epoch"].max())})
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -206,7 +212,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     result = sweep(cfg, stage=args.stage)
     log.info("report: %s", sweep_page(result, stage=args.stage))
     print(result.trials.drop(columns=["checkpoint"]).to_string(index=False))
-    print(json.dumps({"sweep_dir": result.sweep_dir, "best": result.best_dir}))
+    _print_json({"sweep_dir": result.sweep_dir, "best": result.best_dir})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -220,8 +226,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     frame = submission(preds, args.out, checkpoint=args.checkpoint, sample_submission=args.sample_submission,
                        allow_missing=args.allow_missing)
     rate = len(preds.frame) / preds.seconds if preds.seconds else 0.0
-    print(json.dumps({"out": args.out, "images": len(preds.frame), "rows": len(frame),
-                      "unreadable": len(preds.errors), "images_per_s": round(rate, 1)}))
+    _print_json({"out": args.out, "images": len(preds.frame), "rows": len(frame),
+                 "unreadable": len(preds.errors), "images_per_s": round(rate, 1)})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -239,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     shown = {k: metrics[k] for k in ("n_images", "weighted_log_loss", "prior_weighted_log_loss")}
     if "cnn" in metrics:  # a sequence checkpoint: its CNN alone beside it
         shown["cnn_weighted_log_loss"] = metrics["cnn"]["weighted_log_loss"]
-    print(json.dumps(shown))
+    _print_json(shown)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

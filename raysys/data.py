@@ -559,7 +559,7 @@ def prepare(cfg: DataConfig, out: str) -> dict:
         "dicom_bytes_per_image": dicom_bytes / max(len(written), 1),
         "cache_bytes_per_image": cache_bytes / max(int(good.sum()), 1),
     }
-    storage.write_text(storage.join(out, CACHE_MARKER), json.dumps(stats, indent=2))
+    storage.write_text(storage.join(out, CACHE_MARKER), storage.to_json(stats))
     return stats
 
 

@@ -54,3 +54,24 @@ def test_json_is_strict_nan_and_infinity_become_null():
     text = storage.to_json({"a": math.nan, "b": [math.inf, 1.5], "c": np.float32(2.0), "d": np.float64("nan")})
     assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": 2.0, "d": None}
     assert "NaN" not in text and "Infinity" not in text
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def test_benchmark_lines_are_strict_json(tmp_path, capsys, monkeypatch):
+    """Every benchmark prints its result through _common.emit: a NaN (an empty comparison) must come out null."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("_common", None)
+    from _common import emit
+
+    out = tmp_path / "result.json"
+    emit({"mean": math.nan, "rates": [math.inf, 2.5], "name": "x"}, out)
+    printed = capsys.readouterr().out.strip()
+    assert printed == out.read_text().strip()
+    assert "\n" not in printed  # one line
+    assert json.loads(printed, parse_constant=_reject_constant) == {"mean": None, "rates": [None, 2.5], "name": "x"}
