@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import Inception_V3_Weights, inception_v3
 
 from raysys import storage
 from raysys.config import CONFIG_FILE, InputError
@@ -88,6 +87,8 @@ def build_model(
         raise ValueError(f"InceptionV3 needs image_size >= {MIN_SIZE}, got {image_size}")
     if aux_logits and image_size < AUX_MIN_SIZE:
         raise ValueError(f"aux_logits needs image_size >= {AUX_MIN_SIZE} (torchvision's aux head), got {image_size}")
+    from torchvision.models import inception_v3  # here, not at the top: see _imagenet_weights
+
     # transform_input=True: inputs arrive ImageNet-normalised (the contract) for every kind of weights.
     model = inception_v3(weights=None, aux_logits=True, init_weights=backbone is None, transform_input=True)
     if backbone is not None:
@@ -121,7 +122,7 @@ def load_backbone(weights: str) -> dict[str, torch.Tensor] | None:
     if kind == "none":
         return None
     if kind == "imagenet":
-        return _backbone_of(_download_imagenet(), Inception_V3_Weights.IMAGENET1K_V1.url)
+        return _backbone_of(_download_imagenet(), _imagenet_weights().url)
     path = storage.join(weights, STATE_FILE) if storage.is_dir(weights) else weights
     if not storage.is_file(path):
         raise WeightsError(f"weights {weights}: no such file (expected a state dict or a checkpoint directory)")
@@ -132,10 +133,19 @@ def load_backbone(weights: str) -> dict[str, torch.Tensor] | None:
     return _backbone_of(state, path)
 
 
+def _imagenet_weights():
+    """torchvision's ImageNet InceptionV3 weights entry. torchvision is imported only where a network is built or
+    its weights fetched: importing it costs ~1.7 s (it pulls in torch._dynamo) that processes which never build one,
+    such as the sequence stage's GRU workers, need not pay."""
+    from torchvision.models import Inception_V3_Weights
+
+    return Inception_V3_Weights.IMAGENET1K_V1
+
+
 def _download_imagenet() -> dict:
-    url = Inception_V3_Weights.IMAGENET1K_V1.url
+    url = _imagenet_weights().url
     try:
-        return Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        return _imagenet_weights().get_state_dict(progress=False)
     except (urllib.error.URLError, OSError) as e:
         raise WeightsError(
             f"could not download the ImageNet weights ({e}). Offline, fetch {url} on a machine with "
@@ -151,6 +161,8 @@ def _backbone_of(state, source: str) -> dict[str, torch.Tensor]:
     state = state.get("model", state)
     state = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
     backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
+    from torchvision.models import inception_v3
+
     probe = inception_v3(weights=None, aux_logits=True, init_weights=False)
     try:
         missing, unexpected = probe.load_state_dict(backbone, strict=False)

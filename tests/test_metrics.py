@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from raysys.labels import LABELS
-from raysys.metrics import per_class_auc, per_class_log_loss, prior, summarize, weighted_log_loss
+from raysys.metrics import per_class_auc, per_class_log_loss, prior, roc_auc, summarize, weighted_log_loss
 
 
 @pytest.fixture
@@ -48,6 +48,19 @@ def test_per_class_metrics_match_sklearn(arrays):
     for j, name in enumerate(LABELS):
         assert losses[name] == pytest.approx(log_loss(y[:, j], p[:, j], labels=[0, 1]), rel=1e-12)
         assert aucs[name] == pytest.approx(roc_auc_score(y[:, j], p[:, j]))
+
+
+@pytest.mark.parametrize("decimals", [1, 2])
+def test_auc_with_tied_scores_matches_sklearn(arrays, decimals):
+    """Rounded scores tie often (a sigmoid saturating, a calibrated model's steps): ties count half."""
+    y, p = arrays
+    p = np.round(p, decimals)
+    aucs = per_class_auc(y, p)
+    for j, name in enumerate(LABELS):
+        assert aucs[name] == pytest.approx(roc_auc_score(y[:, j], p[:, j]), rel=1e-12)
+    y1 = np.array([0, 1, 0, 1, 1, 0], float)
+    assert roc_auc(y1, np.full(6, 0.3)) == 0.5  # all tied: chance
+    assert roc_auc(y1, y1) == 1.0 and roc_auc(y1, 1 - y1) == 0.0
 
 
 def test_auc_is_nan_for_a_single_class_column(arrays):
