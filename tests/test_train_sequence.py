@@ -22,7 +22,7 @@ from raysys.sequence import CNN_DIR, SEQUENCE_FILE, file_sha256, load_sequence, 
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
 from raysys.testing import PROCESS_ATOL
 from raysys.train import SCORE, fit
-from raysys.train_sequence import fit_sequence, fit_series, prepare_series
+from raysys.train_sequence import _shares, fit_sequence, fit_series, prepare_series
 
 pytestmark = pytest.mark.slow
 SIZE = 80
@@ -206,9 +206,15 @@ def test_the_sequence_stage_asks_trains_controller_to_poll_often(monkeypatch):
     assert os.environ[HEALTH_CHECK_ENV] == "1.5"
 
 
-def test_a_run_stops_once_its_patience_is_spent_and_a_relaunch_trains_no_more(stages):
+@pytest.fixture(scope="module")
+def series(stages):
+    """The sequence stage's input (split, embeddings, series) for the fixture's data, computed once."""
+    return prepare_series(stages["cfg"])
+
+
+def test_a_run_stops_once_its_patience_is_spent_and_a_relaunch_trains_no_more(stages, series):
     cfg = stages["cfg"].replace(**{"train.name": "patience", "sequence.patience": 1, "sequence.lr": 3e-2})
-    data = prepare_series(cfg)
+    data = series
     first = fit_series(cfg, data)
     history = pd.read_csv(Path(first.run_dir) / "metrics.csv")
     scores = list(history[SCORE])
@@ -218,3 +224,29 @@ def test_a_run_stops_once_its_patience_is_spent_and_a_relaunch_trains_no_more(st
     again = fit_series(cfg, data)  # the same name: Train resumes from the run's last checkpoint, with nothing to do
     assert len(pd.read_csv(Path(again.run_dir) / "metrics.csv")) == len(scores)
     assert again.best_metrics[SCORE] == pytest.approx(first.best_metrics[SCORE])
+
+
+def test_training_series_are_dealt_in_equal_shares(ray_session):
+    """DDP's workers must take the same number of steps: 7 series over 3 workers are dealt 3 + 2 + 2, and each
+    share one short repeats the first series."""
+    import ray
+
+    items = [{"features": np.full((n, 4), n, np.float16), "cnn_logits": np.zeros((n, 6), np.float32),
+              "label": np.zeros((n, 6), np.float32), "series": f"s{n}"} for n in range(1, 8)]
+    shares = [ray.get(ref) for ref in _shares(items, features=True, workers=3)]
+    assert [[len(item["label"]) for item in share] for share in shares] == [[1, 4, 7], [2, 5, 1], [3, 6, 1]]
+    assert all(set(item) == {"features", "cnn_logits", "label"} for share in shares for item in share)
+    (alone,) = [ray.get(ref) for ref in _shares(items, features=False, workers=1)]
+    assert [len(item["label"]) for item in alone] == list(range(1, 8)) and "features" not in alone[0]
+
+
+def test_two_workers_train_the_stage_in_lockstep(stages, series):
+    """Ray Train's data-parallel GRU on two workers, one series per step: unequal shares would hang DDP."""
+    cfg = stages["cfg"].replace(**{"train.name": "two-workers", "train.workers": 2, "train.cpus_per_worker": 0.5,
+                                   "sequence.epochs": 2, "sequence.batch_size": 1})
+    assert len(series.train) % 2 == 1  # an odd count: the second share repeats a series to keep step with the first
+    result = fit_series(cfg, series, export=False)
+    history = pd.read_csv(Path(result.run_dir) / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2] and np.isfinite(history[SCORE]).all()
+    # rank 0 reports its own slices: the first, third, ... training series, not all of them
+    assert list(history["train_slices"]) == [sum(len(item["label"]) for item in series.train[0::2])] * 2
