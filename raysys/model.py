@@ -74,7 +74,7 @@ HEAD_KEYS = ("fc.", "AuxLogits.fc.", "logit_offset")  # rebuilt for the six labe
 
 def build_model(
     backbone: dict[str, torch.Tensor] | None = None, *, image_size: int = 256, aux_logits: bool = False,
-    neighbors: int = 0,
+    neighbors: int = 0, init: bool = True,
 ) -> HemorrhageNet:
     """torchvision inception_v3 with len(LABELS) outputs (logits; sigmoid at inference).
 
@@ -82,6 +82,8 @@ def build_model(
     neighbors > 0 (2.5D): the input holds 2 x neighbors + 1 slices of three windows each; the first
     convolution is widened to them, each slice's copy of the three-channel weights divided by the number
     of slices, so a stack of one slice repeated gives exactly the three-channel network's output.
+    init=False skips torchvision's truncated-normal initialisation (1-4 s on 2 CPU cores) for a caller that loads
+    every weight next (load_checkpoint): the network starts with PyTorch's default initialisation instead.
     """
     if image_size < MIN_SIZE:
         raise ValueError(f"InceptionV3 needs image_size >= {MIN_SIZE}, got {image_size}")
@@ -90,7 +92,8 @@ def build_model(
     from torchvision.models import inception_v3  # here, not at the top: see _imagenet_weights
 
     # transform_input=True: inputs arrive ImageNet-normalised (the contract) for every kind of weights.
-    model = inception_v3(weights=None, aux_logits=True, init_weights=backbone is None, transform_input=True)
+    model = inception_v3(weights=None, aux_logits=True, init_weights=backbone is None and init,
+                         transform_input=True)
     if backbone is not None:
         model.load_state_dict(backbone, strict=False)
     model.fc = nn.Linear(model.fc.in_features, len(LABELS))
@@ -268,7 +271,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         return load_checkpoint(resolve_cnn(str(local), meta), device)
     config = yaml.safe_load((local / CONFIG_FILE).read_text()) if (local / CONFIG_FILE).is_file() else {}
     model = build_model(image_size=meta["image_size"], aux_logits=meta.get("aux_logits", False),
-                        neighbors=meta.get("neighbors", 0))
+                        neighbors=meta.get("neighbors", 0), init=False)  # the state below sets every weight
     state = read_state(local)
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last).eval()  # see raysys.engine's INFERENCE_AMP
