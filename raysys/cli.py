@@ -19,6 +19,7 @@ def _print_json(obj) -> None:
 
     print(to_json(obj, indent=None), flush=True)
 
+
 # Flag tables: CLI flag -> (config key, type, help). A flag's default is always None ("keep the config's").
 RECIPE_FLAGS = {
     "--data": ("data.data", str, "folder/URI of .dcm files, or a prepared cache"),

@@ -138,8 +138,9 @@ def load_backbone(weights: str) -> dict[str, torch.Tensor] | None:
 
 def _imagenet_weights():
     """torchvision's ImageNet InceptionV3 weights entry. torchvision is imported only where a network is built or
-    its weights fetched: importing it costs ~1.7 s (it pulls in torch._dynamo) that processes which never build one,
-    such as the sequence stage's GRU workers, need not pay."""
+    its weights fetched: importing it costs ~1.7 s on 2 cores, most of it torch._dynamo, which a process that never
+    builds one (a Serve ingress, the CLI) need not pay. A training process imports torch._dynamo anyway: torch's
+    optimizers do on construction."""
     from torchvision.models import Inception_V3_Weights
 
     return Inception_V3_Weights.IMAGENET1K_V1
