@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 import zlib
@@ -18,6 +19,15 @@ from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
 # run in another order; an under-trained network's activations reach 1e4, where that moved a probability by 1.8e-5
 # (a 2.5D test checkpoint, channels_last). An input built differently (window, size, neighbours) moves it by 1e-2.
 PROCESS_ATOL = 1e-4
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity tokens, as parsers other than Python's do."""
+
+    def reject(token: str):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 def free_port() -> int:

@@ -1,7 +1,6 @@
 """The `raysys` CLI as a user runs it: its own process (joined to the session's Ray), relative paths from
 another working directory, captured logs read line by line, and bad weights failing fast on the driver."""
 
-import json
 import os
 import re
 import subprocess
@@ -13,14 +12,10 @@ import pandas as pd
 import pytest
 
 from raysys.labels import LABELS, write_labels
-from raysys.testing import small_phantom
+from raysys.testing import small_phantom, strict_json
 
 RAYSYS = str(Path(sys.executable).parent / "raysys")
 ESCAPES = re.compile(r"\x1b\[|\r")
-
-
-def _reject_constant(token: str):
-    raise ValueError(f"non-standard JSON token {token}")
 
 
 TINY = ["--val-fraction", "0.4", "--image-size", "80", "--batch-size", "4", "--weights", "none", "--max-steps-per-epoch", "2"]
@@ -64,7 +59,7 @@ def test_train_log_is_plain_one_line_per_epoch_and_a_degenerate_validation_is_sa
     metrics = pd.read_csv(tmp_path / "runs" / "plain" / "metrics.csv")
     assert list(metrics["val_degenerate"]) == [1, 1] and list(metrics["val_positives"]) == [0, 0]
     (result,) = [line for line in log.splitlines() if line.startswith('{"run_dir"')]  # the one result line
-    assert json.loads(result, parse_constant=_reject_constant)["epochs"] == 2
+    assert strict_json(result)["epochs"] == 2
 
 
 def test_tune_with_relative_paths_from_another_working_directory(ray_session, one_bleeding_patient, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from raysys import storage
 from raysys.labels import LABELS, read_labels
+from raysys.testing import strict_json
 
 
 def test_resolve_makes_local_paths_absolute_and_leaves_uris_and_empty_alone(tmp_path, monkeypatch):
@@ -56,10 +57,6 @@ def test_json_is_strict_nan_and_infinity_become_null():
     assert "NaN" not in text and "Infinity" not in text
 
 
-def _reject_constant(token: str):
-    raise ValueError(f"non-standard JSON token {token}")
-
-
 def test_benchmark_lines_are_strict_json(tmp_path, capsys, monkeypatch):
     """Every benchmark prints its result through _common.emit: a NaN (an empty comparison) must come out null."""
     import sys
@@ -74,4 +71,4 @@ def test_benchmark_lines_are_strict_json(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out.strip()
     assert printed == out.read_text().strip()
     assert "\n" not in printed  # one line
-    assert json.loads(printed, parse_constant=_reject_constant) == {"mean": None, "rates": [None, 2.5], "name": "x"}
+    assert strict_json(printed) == {"mean": None, "rates": [None, 2.5], "name": "x"}

@@ -214,14 +214,13 @@ def series(stages):
 
 def test_a_run_stops_once_its_patience_is_spent_and_a_relaunch_trains_no_more(stages, series):
     cfg = stages["cfg"].replace(**{"train.name": "patience", "sequence.patience": 1, "sequence.lr": 3e-2})
-    data = series
-    first = fit_series(cfg, data)
+    first = fit_series(cfg, series)
     history = pd.read_csv(Path(first.run_dir) / "metrics.csv")
     scores = list(history[SCORE])
     best = int(np.argmin(scores))
     assert len(scores) < 12 and best == len(scores) - 2  # stopped one epoch after its best, the first to be no better
     assert first.best_metrics["epoch"] == best + 1
-    again = fit_series(cfg, data)  # the same name: Train resumes from the run's last checkpoint, with nothing to do
+    again = fit_series(cfg, series)  # the same name: Train resumes from the run's last checkpoint, with nothing to do
     assert len(pd.read_csv(Path(again.run_dir) / "metrics.csv")) == len(scores)
     assert again.best_metrics[SCORE] == pytest.approx(first.best_metrics[SCORE])
 
