@@ -14,6 +14,7 @@ import json
 import math
 import os
 import posixpath
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
 def read_bytes(path: str | Path) -> bytes:
     fs, where = _filesystem(path)
     try:
-        with fs.open_input_stream(where) as f:
+        # A random-access file reads the whole object in one request; a stream reads it in small ranged GETs
+        # (a 262 MB checkpoint from an S3 server on 127.0.0.1: 0.7 s against 176 s).
+        with fs.open_input_file(where) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
@@ -150,32 +153,44 @@ def copy_tree(source: str | Path, destination: str | Path) -> None:
     """Replace `destination` with a copy of the folder `source` (either may be local or a URI)."""
     remove_tree(destination)
     make_dirs(destination)
+    _copy_files(source, destination)
+
+
+def _copy_files(source: str | Path, destination: str | Path) -> None:
+    """pyarrow's copy_files with Ray Train's settings for checkpoints: 64 MB chunks (with the default 1 MB one, a
+    262 MB checkpoint took 41 s from an S3 server on 127.0.0.1 instead of 1.1 s), and one thread when writing to S3
+    (apache/arrow#32372)."""
     src_fs, src = _filesystem(source)
     dst_fs, dst = _filesystem(destination)
-    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs, chunk_size=64 << 20,
+                    use_threads=not isinstance(dst_fs, pafs.S3FileSystem))
 
 
 def local_dir(path: str | Path) -> Path:
     """A local folder with the contents of `path`: the folder itself, or a download of a URI.
 
-    Downloads go to a per-URI folder under the system temp dir and are reused by later calls
-    in any process on the node (checkpoints are written once and never changed in place).
+    Downloads go to a folder under the system temp dir named by the URI and its listing (every file's path, size
+    and modification time), and are reused by later calls in any process on the node as long as the folder
+    lists the same: a folder replaced under the same URI (a sweep's best/ exported again) is downloaded again.
     """
     if not is_uri(path):
         return Path(resolve(path))
-    cache = Path(tempfile.gettempdir()) / "raysys-downloads" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    fs, where = _filesystem(path)
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{path}: no such folder")
+    listing = sorted((i.path[len(where):], i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(where, recursive=True))
+                     if i.type == pafs.FileType.File)
+    key = hashlib.sha256(repr((str(path), listing)).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "raysys-downloads" / key
     if not (cache / ".complete").is_file():
-        if not is_dir(path):
-            raise FileNotFoundError(f"{path}: no such folder")
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=cache.parent))
-        src_fs, src = _filesystem(path)
-        pafs.copy_files(src, str(partial), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        _copy_files(path, partial)
         (partial / ".complete").write_text(str(path))
         try:
             partial.rename(cache)
         except OSError:  # another process finished the same download first
-            pass
+            shutil.rmtree(partial, ignore_errors=True)
     return cache
 
 

@@ -34,7 +34,14 @@ def test_read_write_copy_and_download_through_uris(tmp_path):
     assert (tmp_path / "copy" / "sub" / "a.txt").read_text() == "hello"
     local = storage.local_dir(f"{root}/copy")
     assert (local / "sub" / "a.txt").read_text() == "hello" and local != tmp_path / "copy"
-    assert storage.tree_size(str(tmp_path / "copy")) == 5
+    assert storage.local_dir(f"{root}/copy") == local  # downloaded once
+    # A folder replaced under the same URI (a sweep exporting best/ again) is downloaded again, never served stale.
+    storage.write_text(f"{root}/run/sub/a.txt", "hello again")
+    storage.copy_tree(f"{root}/run", f"{root}/copy")
+    assert (storage.local_dir(f"{root}/copy") / "sub" / "a.txt").read_text() == "hello again"
+    with pytest.raises(FileNotFoundError, match="nothing-here: no such folder"):
+        storage.local_dir(f"{root}/nothing-here")
+    assert storage.tree_size(str(tmp_path / "copy")) == len("hello again")
 
 
 def test_labels_are_read_through_the_same_layer(tmp_path):
