@@ -67,11 +67,13 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
     cfg = Config().replace(**{
         "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"), "data.image_size": 80,
         "data.val_fraction": 0.3, "model.weights": "none", "train.batch_size": 4, "train.workers": 1,
-        "train.max_steps_per_epoch": 2, "sweep.storage_path": str(tmp_path), "sweep.name": "s",
-        "sweep.num_samples": 4, "sweep.max_epochs": 2, "sweep.grace_period": 1, "sweep.reduction_factor": 2,
-        "sweep.lr_min": 1e-5, "sweep.lr_max": 1.0, "sweep.seed": 3,
+        "train.cpus_per_worker": 1.0, "train.max_steps_per_epoch": 2, "sweep.storage_path": str(tmp_path),
+        "sweep.name": "s", "sweep.num_samples": 2, "sweep.max_epochs": 2, "sweep.grace_period": 1,
+        "sweep.reduction_factor": 2, "sweep.lr_min": 1e-5, "sweep.lr_max": 1.0, "sweep.seed": 3,
     })
-    assert max_concurrent_trials(cfg) == 2  # 2 CPUs // (one 0.5-CPU worker + 0.5 CPU kept for decoding)
+    # One trial at a time: 2 CPUs // (one 1-CPU worker + 0.5 CPU kept for decoding). The second trial is still
+    # waiting when the first driver is killed, so the sweep cannot end by itself before the kill.
+    assert max_concurrent_trials(cfg) == 1
 
     # The first driver is killed as soon as one trial has reported ...
     address = ray_session.get_runtime_context().gcs_address
@@ -86,7 +88,7 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
     result = sweep(cfg)
     sweep_dir = Path(result.sweep_dir)
     after = _reported(tuner_dir)
-    assert set(before) <= set(after) and len(after) == 4  # no fresh sweep: the interrupted trials carried on
+    assert set(before) <= set(after) and len(after) == 2  # no fresh sweep: the interrupted trial carried on
     for name, rows in before.items():
         assert after[name][:len(rows)] == rows
     # ASHA's rungs came back too (Tune itself forgets them): every trial's epoch-1 score is on the first rung.
@@ -96,7 +98,7 @@ def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best
     assert {t: -v for t, v in first_rung.items()} == pytest.approx(epoch_1)
 
     trials = pd.read_csv(sweep_dir / "trials.csv")
-    assert len(trials) == 4 and trials["error"].isna().all()  # empty in the CSV: no trial failed
+    assert len(trials) == 2 and trials["error"].isna().all()  # empty in the CSV: no trial failed
     assert (trials["stopped_early"] == (trials["epochs_run"] < 2)).all()
     assert (trials["epochs_run"] == 2).any()  # the best trial at every rung is never stopped
     assert ((trials["lr"] >= 1e-5) & (trials["lr"] <= 1.0)).all()
