@@ -1,14 +1,9 @@
-"""Object storage for real: a cache, runs, a sweep and a served checkpoint in an S3 bucket on a real S3-compatible
-server (moto's, on 127.0.0.1; see the s3_endpoint fixture), through the `raysys` CLI as a user runs it."""
+"""Object storage for real: a cache, runs and a served checkpoint in an S3 bucket on a real S3-compatible server
+(moto's, on 127.0.0.1; see the s3_endpoint fixture), through the `raysys` CLI as a user runs it. A sweep killed
+and resumed in the bucket: tests/test_tune.py."""
 
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import boto3
@@ -17,7 +12,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from test_cli import RAYSYS, TINY, _run
+from test_cli import TINY, _run
 
 from raysys.engine import infer
 from raysys.labels import LABELS
@@ -79,57 +74,6 @@ def test_train_checkpoints_metrics_and_tensorboard_land_in_the_bucket(bucket_run
     assert list(metrics["epoch"]) == [1, 2]
     assert sum(k.endswith("/model.pt") for k in keys) >= 1 and any("/tensorboard/events.out.tfevents." in k for k in keys)
     assert {"runs/run/config.yaml", "runs/run/curves.png", "runs/run/errors.csv"} <= set(keys)
-
-
-def _kill_when(args: list[str], cwd: Path, ray_session, pattern: str, timeout_s: float = 300) -> str:
-    """`raysys ARGS` in its own process, SIGKILLed (a driver that crashes) 3 s after a line of its output matches
-    `pattern`; its output until then."""
-    address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state each second
-    driver = subprocess.Popen([RAYSYS, *args, "--address", address], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    lines, seen = [], threading.Event()
-
-    def read():
-        for line in driver.stdout:
-            lines.append(line)
-            if re.search(pattern, line):
-                seen.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert seen.wait(timeout_s), f"no line matching {pattern!r} within {timeout_s:.0f} s: " + "".join(lines)[-3000:]
-        time.sleep(3)
-        assert driver.poll() is None, "the sweep ended before it could be interrupted: " + "".join(lines)[-3000:]
-    finally:
-        driver.send_signal(signal.SIGKILL)  # Ray reaps its trials and their Train runs
-        driver.wait()
-        reader.join(timeout=10)
-    return "".join(lines)
-
-
-def test_tune_killed_mid_sweep_resumes_from_the_bucket(ray_session, bucket_run):
-    """A sweep stored in the bucket, its driver killed once its trial has finished an epoch: launched again with the
-    same name, it finds its state and the trial's checkpoint in the bucket and carries on from epoch 2."""
-    root, cache = bucket_run["root"], bucket_run["cache"]
-    sweep = ["tune", *cache, "--storage-path", f"s3://{BUCKET}/sweeps", "--name", "sw", "--num-samples", "1",
-             "--max-epochs", "2", "--grace-period", "2", "--workers", "1", *TINY]
-    first = _kill_when(sweep, root, ray_session, r"^\[train \S+\] epoch 1/2 ")
-    started = set(re.findall(r"trial (\w+) started", first))
-    assert started and not _keys("sweeps/sw/trials.csv")  # killed mid-sweep: no summary yet
-    assert _keys("sweeps/sw/tuner/")  # Tune's state is in the bucket
-
-    code, again, _ = _run(sweep, root, ray_session)
-    assert code == 0, again[-3000:]
-    assert f"resuming sweep s3://{BUCKET}/sweeps/sw/tuner" in again, again[-3000:]
-    # The trial carries on from its epoch-1 checkpoint in the bucket: epoch 1 is not trained again.
-    assert re.search(r"^\[train \S+\] resuming at epoch 2 of 2$", again, re.M), again[-3000:]
-    assert not re.search(r"^\[train \S+\] epoch 1/2 ", again, re.M), again[-3000:]
-    trials = pd.read_csv(io.BytesIO(_read("sweeps/sw/trials.csv")))
-    assert set(trials["trial"]) == started  # the trial of the first launch, not a new one
-    assert trials["error"].isna().all() and (trials["epochs_run"] == 2).all()
-    assert "sweeps/sw/best/model.pt" in _keys("sweeps/sw/best/")
 
 
 def test_serve_loads_its_checkpoint_from_the_bucket(ray_session, bucket_run, tmp_path):

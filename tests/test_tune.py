@@ -1,22 +1,25 @@
 """Ray Tune sweep on a real local Ray: trials are Ray Train runs, ASHA stops some, best/ is exported,
-and a sweep whose driver was killed resumes under the same name."""
+and a sweep whose driver was killed resumes under the same name from object storage (the session's S3 server)."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from raysys import storage
 from raysys.config import Config
 from raysys.model import load_checkpoint
 from raysys.testing import small_phantom
 from raysys.train import SCORE
 from raysys.tune import RUNGS_FILE, ResumableASHA, max_concurrent_trials, sweep
+
+BUCKET = "s3://raysys-test"  # created by the s3_endpoint fixture
 
 
 @pytest.fixture(scope="module")
@@ -38,93 +41,115 @@ sweep(from_dict(base, {}))
 """
 
 
-def _reported(tuner_dir):
-    """Tune's own record of every trial's results: {trial dir name: [result dicts]}."""
-    return {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
-            for d in tuner_dir.iterdir() if (d / "result.json").is_file()}
+def _reported(tuner: str) -> dict[str, list[dict]]:
+    """Tune's own record of every trial's results, read from the bucket: {trial folder name: [result dicts]}."""
+    if not storage.is_dir(tuner):
+        return {}
+    return {path.rsplit("/", 2)[-2]: [json.loads(line) for line in storage.read_text(path).splitlines()]
+            for path in storage.list_files(tuner, "/result.json")}
 
 
-def _kill_driver_after_first_result(cmd, env, tuner_dir, timeout=300):
+def _files(folder: str) -> list[str]:
+    return [path.rsplit("/", 1)[-1] for path in storage.list_files(folder, "")] if storage.is_dir(folder) else []
+
+
+def _kill_driver_after_first_result(cmd, env, tuner, timeout=300):
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and driver.poll() is None:
-            if tuner_dir.is_dir() and any(_reported(tuner_dir).values()):
-                time.sleep(3)  # past the next experiment-state save (every second here)
+            if any(_reported(tuner).values()):
+                time.sleep(2)  # past the next experiment-state save (every second here)
                 break
             time.sleep(1)
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
-        assert any(_reported(tuner_dir).values()), "no trial reported in time"
+        assert any(_reported(tuner).values()), "no trial reported in time"
     finally:
         driver.send_signal(signal.SIGKILL)  # the driver dies; Ray reaps its trials and their Train runs
         driver.wait()
 
 
-def test_sweep_resumes_after_its_driver_is_killed_runs_asha_and_exports_the_best(ray_session, phantom, tmp_path):
+def test_sweep_resumes_from_the_bucket_after_its_driver_is_killed_runs_asha_and_exports_the_best(
+        ray_session, phantom, caplog):
     # Learning rates from 1e-5 to 1: the large ones wreck the model. Whether ASHA stops one here depends on the
     # order results arrive in (a trial is cut when worse than those before it at its rung); the test below checks
     # its decisions with results in a fixed order.
+    sweep_dir = f"{BUCKET}/tune-kill/s"
     cfg = Config().replace(**{
         "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"), "data.image_size": 80,
         "data.val_fraction": 0.3, "model.weights": "none", "train.batch_size": 4, "train.workers": 1,
-        "train.cpus_per_worker": 1.0, "train.max_steps_per_epoch": 2, "sweep.storage_path": str(tmp_path),
-        "sweep.name": "s", "sweep.num_samples": 2, "sweep.max_epochs": 2, "sweep.grace_period": 1,
+        "train.cpus_per_worker": 1.0, "train.max_steps_per_epoch": 2, "sweep.storage_path": f"{BUCKET}/tune-kill",
+        "sweep.name": "s", "sweep.num_samples": 2, "sweep.max_epochs": 3, "sweep.grace_period": 1,
         "sweep.reduction_factor": 2, "sweep.lr_min": 1e-5, "sweep.lr_max": 1.0, "sweep.seed": 3,
     })
     # One trial at a time: 2 CPUs // (one 1-CPU worker + 0.5 CPU kept for decoding). The second trial is still
-    # waiting when the first driver is killed, so the sweep cannot end by itself before the kill.
+    # waiting when the first driver is killed, and the first has epochs to go (each takes ~2 s here), so the sweep
+    # cannot end by itself before the kill.
     assert max_concurrent_trials(cfg) == 1
 
     # The first driver is killed as soon as one trial has reported ...
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, "-c", DRIVER, json.dumps([cfg.to_dict(), address])]
-    tuner_dir = tmp_path / "s" / "tuner"
-    _kill_driver_after_first_result(cmd, env, tuner_dir)
-    before = {name: rows for name, rows in _reported(tuner_dir).items() if rows}
-    assert not (tmp_path / "s" / "trials.csv").exists()
+    tuner = f"{sweep_dir}/tuner"
+    _kill_driver_after_first_result(cmd, env, tuner)
+    before = {name: rows for name, rows in _reported(tuner).items() if rows}
+    assert not storage.exists(f"{sweep_dir}/trials.csv")  # killed mid-sweep: no summary yet
 
-    # ... and the same sweep relaunched under the same name resumes it: same trials, their results kept.
-    result = sweep(cfg)
-    sweep_dir = Path(result.sweep_dir)
-    after = _reported(tuner_dir)
+    # ... and the same sweep relaunched under the same name finds its state in the bucket and resumes it: same
+    # trials, their results kept.
+    with caplog.at_level(logging.INFO, logger="raysys.tune"):
+        result = sweep(cfg)
+    assert f"resuming sweep {tuner}" in caplog.text
+    assert result.sweep_dir == sweep_dir
+    after = _reported(tuner)
     assert set(before) <= set(after) and len(after) == 2  # no fresh sweep: the interrupted trial carried on
     for name, rows in before.items():
         assert after[name][:len(rows)] == rows
     # ASHA's rungs came back too (Tune itself forgets them): every trial's epoch-1 score is on the first rung.
-    (first_rung,) = [r["recorded"] for r in json.loads((tmp_path / "s" / RUNGS_FILE).read_text())[0]
+    (first_rung,) = [r["recorded"] for r in json.loads(storage.read_text(f"{sweep_dir}/{RUNGS_FILE}"))[0]
                      if r["milestone"] == 1]
     epoch_1 = {r["trial_id"]: r[SCORE] for rows in after.values() for r in rows if r["epoch"] == 1}
     assert {t: -v for t, v in first_rung.items()} == pytest.approx(epoch_1)
 
-    trials = pd.read_csv(sweep_dir / "trials.csv")
+    trials = pd.read_csv(storage.open_bytes(f"{sweep_dir}/trials.csv"))
     assert len(trials) == 2 and trials["error"].isna().all()  # empty in the CSV: no trial failed
-    assert (trials["stopped_early"] == (trials["epochs_run"] < 2)).all()
-    assert (trials["epochs_run"] == 2).any()  # the best trial at every rung is never stopped
+    assert (trials["stopped_early"] == (trials["epochs_run"] < 3)).all()
+    assert (trials["epochs_run"] == 3).any()  # the best trial at every rung is never stopped
     assert ((trials["lr"] >= 1e-5) & (trials["lr"] <= 1.0)).all()
     assert ((trials["decay"] >= 0.5) & (trials["decay"] <= 1.0)).all()
 
     # trials.csv agrees with what each trial reported to Tune (Tune's own result.json per trial).
     for _, row in trials.iterrows():
         # A trial started just before the kill gets a second folder on resume; its results are in one of them.
-        (trial_dir,) = [d for d in (sweep_dir / "tuner").glob(f"*{row['trial']}_*") if (d / "result.json").is_file()]
-        assert (sweep_dir / "trials" / row["trial"] / "config.yaml").is_file()  # its own Train run
+        (name,) = [n for n, rows in after.items() if f"{row['trial']}_" in n and rows]
+        run = f"{sweep_dir}/trials/{row['trial']}"
+        assert storage.is_file(f"{run}/config.yaml")  # its own Train run
         # Tune's CSV and JSON result files, not its TensorBoard events: the trial's Train run wrote its own.
-        assert (trial_dir / "progress.csv").is_file() and not list(trial_dir.glob("events.out.tfevents*"))
-        assert list((sweep_dir / "trials" / row["trial"] / "tensorboard").glob("events.out.tfevents*"))
-        reported = pd.DataFrame([json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()])
+        assert "progress.csv" in _files(f"{tuner}/{name}")
+        assert not [f for f in _files(f"{tuner}/{name}") if f.startswith("events.out.tfevents")]
+        assert [f for f in _files(f"{run}/tensorboard") if f.startswith("events.out.tfevents")]
+        reported = pd.DataFrame(after[name])
         assert row["best_" + SCORE] == pytest.approx(reported[SCORE].min())
         assert row["epochs_run"] == reported["epoch"].max()
-        assert row["checkpoint"] == reported.loc[reported[SCORE].idxmin(), "checkpoint_path"]
+        assert row["checkpoint"] == storage.with_scheme(reported.loc[reported[SCORE].idxmin(), "checkpoint_path"],
+                                                        sweep_dir)
+    # The interrupted trial's Train run carried on from its last checkpoint in the bucket: no epoch trained twice,
+    # and its last epochs were run by the relaunched worker group (start_epoch > 1).
+    for name in before:
+        (trial,) = [t for t in trials["trial"] if f"{t}_" in name]
+        history = pd.read_csv(storage.open_bytes(f"{sweep_dir}/trials/{trial}/metrics.csv"))
+        assert list(history["epoch"]) == list(range(1, len(history) + 1))
+        assert history["start_epoch"].iloc[-1] > 1, history
 
-    # best/ is the checkpoint of the trial with the lowest reported metric, and it loads.
+    # best/ is the checkpoint of the trial with the lowest reported metric, and it loads from the bucket.
     winner = trials.loc[trials["best_" + SCORE].idxmin()]
-    summary = json.loads((Path(result.best_dir) / "metrics.json").read_text())
+    summary = json.loads(storage.read_text(f"{result.best_dir}/metrics.json"))
     assert summary["trial"] == winner["trial"]
     assert summary[SCORE] == pytest.approx(winner["best_" + SCORE])
     ck = load_checkpoint(result.best_dir)
     assert ck.meta["metrics"][SCORE] == pytest.approx(winner["best_" + SCORE])
-    assert (sweep_dir / "sweep.png").stat().st_size > 0
+    assert len(storage.read_bytes(f"{sweep_dir}/sweep.png")) > 0
 
 
 def test_resumable_asha_stops_worse_trials_and_remembers_its_rungs_across_a_restart(tmp_path):
