@@ -68,8 +68,10 @@ def read_bytes(path: str | Path) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{path}: is a folder, expected a file") from None
+    except OSError:  # pyarrow's random-access file says "is a directory" with a plain OSError
+        if fs.get_file_info(where).type == pafs.FileType.Directory:
+            raise IsADirectoryError(f"{path}: is a folder, expected a file") from None
+        raise
 
 
 def read_text(path: str | Path) -> str:

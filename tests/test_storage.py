@@ -30,6 +30,9 @@ def test_read_write_copy_and_download_through_uris(tmp_path):
     assert not storage.exists(f"{root}/run/missing")
     with pytest.raises(FileNotFoundError, match="missing.txt: no such file"):
         storage.read_bytes(f"{root}/missing.txt")
+    for folder in (f"{root}/run", str(tmp_path / "run")):
+        with pytest.raises(IsADirectoryError, match="run: is a folder, expected a file"):
+            storage.read_bytes(folder)
     storage.copy_tree(f"{root}/run", f"{root}/copy")
     assert (tmp_path / "copy" / "sub" / "a.txt").read_text() == "hello"
     local = storage.local_dir(f"{root}/copy")
