@@ -35,7 +35,7 @@ def standalone_rate(cfg, device_name: str) -> float:
     """train_one_epoch's images/s on in-memory batches: the same step the workers run, with nothing to wait for."""
     import torch
 
-    from raysys.augment import DeviceAugment
+    from raysys.device_augment import DeviceAugment
     from raysys.engine import WeightedBCE, train_one_epoch, use_amp
     from raysys.labels import LABELS
     from raysys.model import build_model

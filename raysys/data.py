@@ -509,7 +509,7 @@ def _with_seeds(batch: dict, seed: int, epoch: int) -> dict:
 def augment_dataset(ds: ray.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: int,
                     decode_cpus: float = _DATA.decode_cpus):
     """Train-side augmentation: albumentations on the data workers (cfg.on == "data"), or, for the training
-    device to do it (cfg.on == "device", raysys.augment.DeviceAugment), each image's seed as `aug_seed`."""
+    device to do it (cfg.on == "device", raysys.device_augment.DeviceAugment), each image's seed as `aug_seed`."""
     fn = _augment_batch if cfg.on == "data" else _with_seeds
     kwargs = {"seed": seed, "epoch": epoch, **({"cfg": cfg} if cfg.on == "data" else {})}
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", num_cpus=decode_cpus)

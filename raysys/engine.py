@@ -100,7 +100,7 @@ def train_one_epoch(
 ) -> dict:
     """One pass over `batches` ({"image": uint8 (B, C, S, S), "label": float (B, 6)}); returns loss and speed.
 
-    augment: raysys.augment.DeviceAugment (or any f(images, seeds)) applied on the device, seeded by each
+    augment: raysys.device_augment.DeviceAugment (or any f(images, seeds)) applied on the device, seeded by each
     row's `aug_seed`; None when the data workers augmented already.
     """
     model.train()

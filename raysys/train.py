@@ -17,8 +17,8 @@ from ray.train.torch import TorchTrainer
 
 from raysys import data as rdata
 from raysys import storage
-from raysys.augment import DeviceAugment
 from raysys.config import Config, from_dict, save_config
+from raysys.device_augment import DeviceAugment
 from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap

@@ -1,20 +1,16 @@
-"""raysys.augment: the batched torch augmentation against albumentations (the CPU path and the reference), on CPU."""
+"""raysys.device_augment: the batched torch augmentation against albumentations (the CPU path and the reference), on CPU."""
+
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from raysys.augment import (
-    ELASTIC_ALPHA,
-    ELASTIC_SIGMA,
-    SALT_VS_PEPPER,
-    DeviceAugment,
-    augment_images,
-    build_augment,
-    draw,
-)
+from raysys.augment import ELASTIC_ALPHA, ELASTIC_SIGMA, SALT_VS_PEPPER, augment_images, build_augment
 from raysys.config import AugmentConfig
+from raysys.device_augment import DeviceAugment, draw
 
 SIZE = 64
 OFF = AugmentConfig(hflip=0, vflip=0, rotate=0, affine=0, elastic=0, salt_pepper=0)
@@ -120,3 +116,23 @@ def test_cpu_path_is_the_albumentations_pipeline(image):
     pipeline.set_random_seed(5)
     expected = pipeline(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
     assert np.array_equal(augment_images(image[None], [5], cfg)[0], expected)
+
+
+def test_data_workers_decode_and_augment_without_importing_torch():
+    """Ray Data's tasks import raysys.data and run the CPU path; torch would cost each new worker ~1.8 s."""
+    script = """
+import sys
+import numpy as np
+from raysys import data
+from raysys.augment import augment_images, image_seed
+from raysys.config import AugmentConfig
+images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+out = augment_images(images, [image_seed(0, 1, "a"), image_seed(0, 1, "b")], AugmentConfig())
+assert out.shape == images.shape and out.dtype == np.uint8
+print("torch" in sys.modules)
+import albumentations.pytorch  # still importable by whoever wants it
+print(albumentations.pytorch.ToTensorV2.__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "ToTensorV2"]

@@ -148,8 +148,8 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
 
 
 def test_device_augmentation_runs_inside_the_training_step():
-    from raysys.augment import DeviceAugment
     from raysys.config import AugmentConfig
+    from raysys.device_augment import DeviceAugment
 
     seen = []
 
