@@ -122,8 +122,9 @@ def _limits_from_the_first_reservation() -> None:
     """Ray Data executions start with resource limits of zero for their first second, so they run one task at a
     time: the limits come from the AutoscalingCoordinator's reservation, which the executor asks for without waiting
     and reads again only once a second (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S). Measured on 2 cores (Ray
-    2.60): a 1,950-image cache epoch ran its 8 read tasks one after another; the limits became 2 CPUs 1.04-1.08 s
-    into each execution, and 3-10 ms in with this fix. Until the first reservation has arrived (a real one always
+    2.60): a 1,950-image cache epoch ran its 8 read tasks one after another; the limits became 2 CPUs 1.04-1.10 s
+    after an epoch began, and 40-90 ms after with this fix (3-10 ms after the executor's first look at them;
+    benchmarks/execution_start.py). Until the first reservation has arrived (a real one always
     holds object store memory), the limits are read on every scheduling step; from then on Ray's own interval
     applies. A no-op where Ray Data lacks what it wraps."""
     try:
