@@ -258,8 +258,9 @@ def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:
                "decay": result.config["decay"], "epochs_run": 0, "best_" + SCORE: math.nan, "val_degenerate": 0,
                "stopped_early": False, "checkpoint": "", "error": str(result.error or "")}
         if history is not None and SCORE in history:
-            best = history.loc[history[SCORE].idxmin()]
+            best = history.loc[best_report(history)]
             path = best.get("checkpoint_path", "") or ""
+            path = path if isinstance(path, str) else ""  # NaN in a row reported without a checkpoint
             row.update({"epochs_run": int(history["epoch"].max()), "best_" + SCORE: float(best[SCORE]),
                         "val_degenerate": int(best.get("val_degenerate", 0)),
                         "checkpoint": storage.with_scheme(path, sweep_dir) if path else ""})
@@ -268,6 +269,18 @@ def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:
             row["error"] = "no metrics reported"
         rows.append(row)
     return pd.DataFrame(rows).sort_values("best_" + SCORE, na_position="last").reset_index(drop=True)
+
+
+def best_report(history: pd.DataFrame) -> int:
+    """The index of a trial's best report, as its Train run ranks checkpoints: the lowest score, and among equal
+    scores the latest report with a checkpoint (Train keeps the latest of equals and deletes the earlier ones once
+    more than keep_checkpoints are ranked: a diverged trial reports the same clipped loss every epoch)."""
+    scores = history[SCORE]
+    tied = history[scores == scores.min()] if scores.notna().any() else history  # all NaN: Train keeps the latest
+    if "checkpoint_path" in tied:
+        with_checkpoint = tied[tied["checkpoint_path"].apply(lambda p: isinstance(p, str) and bool(p))]
+        tied = with_checkpoint if len(with_checkpoint) else tied
+    return tied.index[-1]
 
 
 def export_best(trials: pd.DataFrame, best_dir: str, sequence: bool = False) -> str:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +18,7 @@ from raysys.config import Config
 from raysys.model import load_checkpoint
 from raysys.testing import small_phantom
 from raysys.train import SCORE
-from raysys.tune import RUNGS_FILE, ResumableASHA, max_concurrent_trials, sweep
+from raysys.tune import RUNGS_FILE, ResumableASHA, best_report, max_concurrent_trials, sweep
 
 BUCKET = "s3://raysys-test"  # created by the s3_endpoint fixture
 
@@ -150,6 +151,42 @@ def test_sweep_resumes_from_the_bucket_after_its_driver_is_killed_runs_asha_and_
     ck = load_checkpoint(result.best_dir)
     assert ck.meta["metrics"][SCORE] == pytest.approx(winner["best_" + SCORE])
     assert len(storage.read_bytes(f"{sweep_dir}/sweep.png")) > 0
+
+
+def test_the_best_report_of_a_trial_is_a_checkpoint_its_train_run_kept_when_scores_tie(ray_session, tmp_path):
+    # A diverged trial reports the same clipped loss every epoch. Train keeps the latest of equal scores and deletes
+    # the earlier ones once more than keep_checkpoints are ranked; the sweep must export a checkpoint that still exists.
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    reports = tmp_path / "reports.jsonl"
+
+    class Record(ray.train.UserCallback):  # what Tune's TuneReportCallback sees of every report
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(reports, "a") as f:
+                f.write(json.dumps({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None}) + "\n")
+
+    def loop(config):
+        import tempfile
+
+        import ray.train
+
+        for epoch, score in enumerate([0.9, 0.7, 0.7, 0.7, 0.7], start=1):
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if epoch != 3 else None
+                ray.train.report({"epoch": epoch, SCORE: score}, checkpoint=checkpoint)
+
+    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25}),
+                 run_config=ray.train.RunConfig(
+                     name="ties", storage_path=str(tmp_path), callbacks=[Record()],
+                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
+                                                                  checkpoint_score_order="min"))).fit()
+    history = pd.DataFrame([json.loads(line) for line in reports.read_text().splitlines()])
+    kept = {p.name for p in (tmp_path / "ties").glob("checkpoint_*") if p.is_dir()}
+    assert len(kept) == 2
+    best = history.loc[best_report(history)]
+    assert best[SCORE] == 0.7 and best["epoch"] == 5 and Path(best["checkpoint_path"]).name in kept
+    assert Path(history.loc[history[SCORE].idxmin(), "checkpoint_path"]).name not in kept  # the first of equals: gone
 
 
 def test_resumable_asha_stops_worse_trials_and_remembers_its_rungs_across_a_restart(tmp_path):
