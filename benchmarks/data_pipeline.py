@@ -15,6 +15,10 @@ On the same files, in the same run, each path warmed up on a small pass first:
   cache         raysys.data.prepare(...) once (prepare_s), then one epoch of image_dataset without
                 augmentation from the cache (zstd Parquet shards, read shard by shard) vs from the DICOMs,
                 same images in the same order (cache_speedup)
+  floor         the same epoch from read tasks that read nothing: one per cache shard, each returning its
+                shard's rows as zero images of the same shape. What is left is Ray Data's own cost of an
+                epoch (tasks, object store, batches), so dicom_epoch_s / floor_epoch_s is the most any
+                cache could gain here (cache_speedup_ceiling)
 
 Without --data a phantom dataset of 512 x 512 slices is written to a temporary folder (labels
 included). Ray runs locally on --num-cpus (default: all cores) unless --address is given.
@@ -41,6 +45,7 @@ from raysys.augment import build_augment, image_seed
 from raysys.config import AugmentConfig, DataConfig
 from raysys.labels import LABELS
 from raysys.presets import dicom_to_image
+from raysys.windowing import parse_windows
 
 WINDOWS = DataConfig().windows  # image_dataset's default windows: every path uses the same ones
 WARMUP_IMAGES = 32  # one small pass per path before timing: worker processes, imports, kernels
@@ -68,6 +73,37 @@ class DecodeAugment(torch.utils.data.Dataset):
         if self.labels is not None:
             item["label"] = torch.from_numpy(self.labels[i])
         return item
+
+
+def _zero_rows(rows: int, shape: tuple[int, ...], labels: bool) -> list:
+    import pyarrow as pa
+
+    out = {"image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((rows, *shape), np.uint8))}
+    if labels:
+        out["label"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((rows, len(LABELS)), np.float32))
+    return [pa.table(out)]
+
+
+def floor_dataset(shard_rows: list[int], shape: tuple[int, ...], labels: bool, cpus: float):
+    """An epoch's images as zeros from read tasks that read nothing, one task per cache shard with its rows."""
+    import functools
+
+    import ray
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    size = int(np.prod(shape))
+
+    class Zeros(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(shard_rows) * size
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(functools.partial(_zero_rows, rows, shape, labels),
+                             BlockMetadata(num_rows=rows, size_bytes=rows * size, exec_stats=None, input_files=None),
+                             per_task_row_limit=per_task_row_limit) for rows in shard_rows]
+
+    return ray.data.read_datasource(Zeros(), num_cpus=cpus, override_num_blocks=len(shard_rows))
 
 
 def consume(ds, columns: list[str], batch_size: int) -> int:
@@ -173,6 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
 
             dicom_s = timed_epoch(plain(found), index, columns, bs, "dicom_epoch")
             cache_s = timed_epoch(plain(cached), cached.index.loc[index.index], columns, bs, "cache_epoch")
+            shard_rows = cached.index.loc[index.index].groupby("shard", sort=False).size().tolist()
+            shape = (len(parse_windows(WINDOWS)), size, size)
+            floor_s = timed_epoch(lambda rows: floor_dataset(shard_rows if len(rows) == len(index) else [len(rows)],
+                                                             shape, bool(labels), DataConfig().decode_cpus),
+                                  index, columns, bs, "floor_epoch")
         finally:
             ray.shutdown()
 
@@ -193,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
         "dicom_epoch_s": round(dicom_s, 3),
         "cache_epoch_s": round(cache_s, 3),
         "cache_speedup": round(dicom_s / cache_s, 2),
+        "floor_epoch_s": round(floor_s, 3),
+        "cache_speedup_ceiling": round(dicom_s / floor_s, 2),
+        "cache_shards": len(shard_rows),
         "prepare_s": round(prepare_s, 3),
         "cache_bytes_per_image": round(stats["cache_bytes_per_image"]),
         "dicom_bytes_per_image": round(stats["dicom_bytes_per_image"]),
