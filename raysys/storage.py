@@ -8,6 +8,7 @@ Ray Train use, so `--labels s3://...` works wherever `--data s3://...` does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -168,12 +170,18 @@ def _copy_files(source: str | Path, destination: str | Path) -> None:
                     use_threads=not isinstance(dst_fs, pafs.S3FileSystem))
 
 
+COMPLETE = ".complete"  # in a finished download: the URI it holds; its modification time is the download's last use
+STALE_DOWNLOAD_S = 600  # a replaced version's download is removed once unused this long
+
+
 def local_dir(path: str | Path) -> Path:
     """A local folder with the contents of `path`: the folder itself, or a download of a URI.
 
     Downloads go to a folder under the system temp dir named by the URI and its listing (every file's path, size
     and modification time), and are reused by later calls in any process on the node as long as the folder
-    lists the same: a folder replaced under the same URI (a sweep's best/ exported again) is downloaded again.
+    lists the same: a folder replaced under the same URI (a sweep's best/ exported again) is downloaded again,
+    and the downloads of its earlier versions are removed once no process has asked for them in
+    STALE_DOWNLOAD_S (a replica still loading one keeps it).
     """
     if not is_uri(path):
         return Path(resolve(path))
@@ -184,16 +192,31 @@ def local_dir(path: str | Path) -> Path:
                      if i.type == pafs.FileType.File)
     key = hashlib.sha256(repr((str(path), listing)).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "raysys-downloads" / key
-    if not (cache / ".complete").is_file():
+    if not (cache / COMPLETE).is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=cache.parent))
         _copy_files(path, partial)
-        (partial / ".complete").write_text(str(path))
+        (partial / COMPLETE).write_text(str(path))
         try:
             partial.rename(cache)
         except OSError:  # another process finished the same download first
             shutil.rmtree(partial, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another user's download: theirs to keep track of
+        os.utime(cache / COMPLETE)  # in use: _prune_versions keeps it
+    _prune_versions(cache, str(path))
     return cache
+
+
+def _prune_versions(current: Path, uri: str) -> None:
+    """Remove the downloads of other versions of `uri` that no process has asked for in STALE_DOWNLOAD_S."""
+    now = time.time()
+    for other in current.parent.iterdir():
+        marker = other / COMPLETE
+        try:
+            if other != current and now - marker.stat().st_mtime > STALE_DOWNLOAD_S and marker.read_text() == uri:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:  # not a finished download, or another process removed it first
+            continue
 
 
 def to_json(obj, indent: int | None = 2) -> str:

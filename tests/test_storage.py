@@ -47,6 +47,34 @@ def test_read_write_copy_and_download_through_uris(tmp_path):
     assert storage.tree_size(str(tmp_path / "copy")) == len("hello again")
 
 
+def test_downloads_of_replaced_versions_are_removed_once_unused(tmp_path):
+    """A Serve node reloading a checkpoint exported again under one URI keeps one download, not one per version."""
+    root = f"file://{tmp_path}"
+
+    def export(text: str, name: str = "best") -> None:
+        storage.write_text(f"{root}/src/weights.txt", text)
+        storage.copy_tree(f"{root}/src", f"{root}/{name}")
+
+    def age(download) -> None:  # no process has asked for it for longer than the grace period
+        old = os.path.getmtime(download / storage.COMPLETE) - 2 * storage.STALE_DOWNLOAD_S
+        os.utime(download / storage.COMPLETE, (old, old))
+
+    export("v1")
+    first = storage.local_dir(f"{root}/best")
+    export("other", name="other")
+    other = storage.local_dir(f"{root}/other")
+    age(other)
+    export("v2")
+    second = storage.local_dir(f"{root}/best")
+    assert second != first and (second / "weights.txt").read_text() == "v2"
+    assert (first / "weights.txt").read_text() == "v1"  # asked for moments ago: a replica may still be loading it
+    age(first)
+    assert storage.local_dir(f"{root}/best") == second
+    assert not first.exists()  # an unused earlier version of the same URI: removed
+    assert (other / "weights.txt").read_text() == "other"  # another URI's download is not this URI's to remove
+    assert (second / "weights.txt").read_text() == "v2"
+
+
 def test_labels_are_read_through_the_same_layer(tmp_path):
     rows = ["ID,Label"] + [f"ID_a_{name},{int(name in ('subdural', 'any'))}" for name in LABELS]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
