@@ -1,11 +1,16 @@
 """Shared fixtures: one real local Ray (2 CPUs) per test session, phantom data on disk."""
 
+import logging
 import os
 
 import pytest
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Data's usage poller, a daemon thread in this process, logs a DEBUG record with a traceback every 10 s while no
+# Prometheus answers. pytest's log capture takes Ray's DEBUG records, and one that arrived after pytest closed its
+# streams printed "--- Logging error ---" and the traceback after the suite's summary.
+logging.getLogger("ray.data._internal.usage").setLevel(logging.INFO)
 
 
 def pytest_collection_modifyitems(items):
