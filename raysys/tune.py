@@ -259,8 +259,8 @@ def trials_table(grid, max_epochs: int, sweep_dir: str) -> pd.DataFrame:
                "stopped_early": False, "checkpoint": "", "error": str(result.error or "")}
         if history is not None and SCORE in history:
             best = history.loc[best_report(history)]
-            path = best.get("checkpoint_path", "") or ""
-            path = path if isinstance(path, str) else ""  # NaN in a row reported without a checkpoint
+            path = best.get("checkpoint_path")
+            path = path if isinstance(path, str) else ""  # absent, or NaN in a row reported without a checkpoint
             row.update({"epochs_run": int(history["epoch"].max()), "best_" + SCORE: float(best[SCORE]),
                         "val_degenerate": int(best.get("val_degenerate", 0)),
                         "checkpoint": storage.with_scheme(path, sweep_dir) if path else ""})
