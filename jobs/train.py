@@ -8,7 +8,7 @@ from raysys.cli import main
 
 argv, smoke = without(sys.argv[1:], "--smoke-test")
 if smoke:  # a minute-long end-to-end check of the cluster: synthetic data, tiny model input, 2 epochs
-    dicoms, labels = smoke_data()
+    dicoms, labels = smoke_data(argv)
     argv = ["--data", dicoms, "--labels", labels, "--image-size", "80", "--epochs", "2", "--batch-size", "4",
             "--weights", "none", "--max-steps-per-epoch", "3", "--name", "smoke", *argv]
 main(["train", "--address", "auto", *argv])

@@ -155,6 +155,8 @@ def test_train_smoke_job_succeeds_and_writes_a_checkpoint(head, tmp_path):
     checkpoints = sorted(p for p in (storage / "smoke").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "model.pt").is_file() and (checkpoints[-1] / "meta.json").is_file()
     assert (storage / "smoke" / "metrics.csv").is_file()
+    # The data is where every node of a cluster reads the run, not in the driver node's temp dir.
+    assert (storage / "smoke-data" / "labels.csv").is_file() and len(list((storage / "smoke-data" / "dicoms").glob("*.dcm"))) > 10
     assert "[train smoke] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
 
 
