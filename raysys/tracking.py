@@ -3,7 +3,7 @@
 `tensorboard --logdir runs/` (or a sweep's folder) shows every run and every trial of a sweep side by side:
 each Train run, CNN or sequence stage, writes `<run>/tensorboard/` from its rank-0 worker after each epoch's
 report. On a local or shared (NFS) path the file is written in place and TensorBoard sees each epoch as it
-ends; on object storage (s3://, gs://) it is written on the worker's disk and copied up after each epoch.
+ends; on object storage (s3://, gs://) the whole file is put again after each epoch (a few KB).
 A resumed run appends a new event file; its epochs continue where the checkpoint left off.
 
 Scalars (step = epoch): loss/train, loss/val (the weighted log loss), lr, speed/images_per_s_per_worker,
@@ -13,10 +13,10 @@ val_log_loss/<label>, val_auc/<label> (AUC is absent while a label has no positi
 from __future__ import annotations
 
 import math
-import tempfile
+import socket
+import struct
 import time
 import uuid
-from pathlib import Path
 
 from raysys import storage
 from raysys.labels import LABELS
@@ -37,40 +37,50 @@ TAGS = {
 class EpochLog:
     """The event file of one run; `write(metrics)` after each epoch, `close()` at the end (rank 0 only).
 
-    Events are written synchronously (tensorboardX's SummaryWriter queues them for a thread, and a worker that
-    fails right after an epoch would lose that epoch's points)."""
+    The file is TensorBoard's record format, built here and written at once after each epoch: appended in place
+    on a local or shared path, the whole file put again on object storage. Nothing is queued for a thread (a worker
+    that fails right after an epoch would lose that epoch's points) and nothing is kept on the worker's disk (a
+    trial that Tune ends is killed before it could remove a scratch copy)."""
 
     def __init__(self, run_dir: str):
-        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
 
-        self._remote = storage.join(run_dir, TENSORBOARD_DIR) if storage.is_uri(run_dir) else None
-        if self._remote:
-            self._scratch = tempfile.TemporaryDirectory(prefix="raysys-tensorboard-")
-            self._local = Path(self._scratch.name)
-        else:
-            self._local = Path(run_dir) / TENSORBOARD_DIR
-        self._local.mkdir(parents=True, exist_ok=True)
+        folder = storage.join(run_dir, TENSORBOARD_DIR)
+        storage.make_dirs(folder)
         # A unique suffix: two attempts of a run started within one second would otherwise share a file name.
-        self._writer = EventsWriter(str(self._local / "events"), filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}"
+        self._path, self._remote = storage.join(folder, name), storage.is_uri(run_dir)
+        self._records = _record(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._flush(self._records)
 
     def write(self, metrics: dict) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
         step, now = int(metrics["epoch"]), time.time()
-        for key, tag in TAGS.items():
-            value = metrics.get(key)
-            if value is not None and math.isfinite(float(value)):
-                self._writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
-        self._writer.flush()
+        new = b"".join(_record(Event(wall_time=now, step=step, summary=scalar(tag, float(value))).SerializeToString())
+                       for key, tag in TAGS.items()
+                       if (value := metrics.get(key)) is not None and math.isfinite(float(value)))
+        self._records += new
+        self._flush(new)
+
+    def _flush(self, new: bytes) -> None:
         if self._remote:
-            for path in self._local.iterdir():
-                storage.write_bytes(storage.join(self._remote, path.name), path.read_bytes())
+            storage.write_bytes(self._path, self._records)
+        else:
+            with open(self._path, "ab") as f:
+                f.write(new)
 
     def close(self) -> None:
-        self._writer.close()
-        if self._remote:
-            self._scratch.cleanup()
+        """Every epoch is written when it is logged; kept so a run's end reads as one."""
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC32C, the data, the data's masked CRC32C (TensorBoard's event file)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 # --- MLflow (optional: pip install 'raysys[mlflow]') -------------------------------------------------------------

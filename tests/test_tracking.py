@@ -1,6 +1,7 @@
 """TensorBoard event files (raysys.tracking), read back with TensorBoard's own reader."""
 
 import math
+import tempfile
 
 import pytest
 from test_train import tensorboard_scalars
@@ -15,14 +16,21 @@ def _metrics(epoch: int) -> dict:
             **{f"val_auc_{n}": 0.5 + 0.01 * epoch for n in LABELS}, "val_auc_epidural": math.nan}
 
 
-def test_every_epoch_of_every_attempt_is_read_back_once(tmp_path):
-    first = EpochLog(str(tmp_path))  # a worker group that fails after epoch 1 never closes its log
+@pytest.mark.parametrize("uri", [False, True], ids=["folder", "uri"])
+def test_every_epoch_of_every_attempt_is_read_back_once(tmp_path, monkeypatch, uri):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the worker's temp dir: a killed trial leaves it as is
+    run = tmp_path / "run"
+    run_dir = f"file://{run}" if uri else str(run)  # a URI takes object storage's path (the whole file put again)
+    first = EpochLog(run_dir)  # a worker group that fails after epoch 1 never closes its log
     first.write(_metrics(1))
-    second = EpochLog(str(tmp_path))  # the restarted group, within the same second
+    second = EpochLog(run_dir)  # the restarted group, within the same second
     for epoch in (2, 3):
         second.write(_metrics(epoch))
+    assert not list(scratch.iterdir())  # before close(): nothing on the worker's disk for a kill to leave behind
     second.close()
-    scalars = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    scalars = tensorboard_scalars(run / TENSORBOARD_DIR)
     assert sorted(scalars["loss/val"]) == [1, 2, 3]
     for epoch in (1, 2, 3):
         expected = _metrics(epoch)
