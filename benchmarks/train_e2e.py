@@ -8,12 +8,14 @@ In one run, on one machine:
   standalone  raysys.engine.train_one_epoch in this process on the same device, model, batch size, precision
               and augmentation placement, fed from batches already in memory: the rate the step allows
   feed_ratio  mean e2e img/s/worker of epochs >= 2 over the standalone rate (1.0 = the data keeps up)
+  --compile   both sides torch.compile the step (raysys train --compile); each epoch's first_step_s
+              then holds the compilation in epoch 1
 
 Without --data a phantom (--studies, 512 px) is written and, unless --no-cache, prepared into a cache first
 (prepare_s). GPUs are used when present: one per worker. Prints one JSON line to stdout, progress to stderr.
 
     .venv/bin/python benchmarks/train_e2e.py [--data DIR --labels CSV] [--studies 20] [--image-size 256]
-        [--batch-size 64] [--epochs 3] [--workers 1] [--augment-on data|device] [--no-cache]
+        [--batch-size 64] [--epochs 3] [--workers 1] [--augment-on data|device] [--compile MODE] [--no-cache]
         [--num-cpus N | --address ADDR] [--out result.json]
 """
 
@@ -36,7 +38,7 @@ def standalone_rate(cfg, device_name: str) -> float:
     import torch
 
     from raysys.device_augment import DeviceAugment
-    from raysys.engine import WeightedBCE, train_one_epoch, use_amp
+    from raysys.engine import WeightedBCE, compile_step, train_one_epoch, use_amp
     from raysys.labels import LABELS
     from raysys.model import build_model
 
@@ -44,14 +46,16 @@ def standalone_rate(cfg, device_name: str) -> float:
     t, size = cfg.train, cfg.data.image_size
     model = build_model(image_size=size).to(device, memory_format=torch.channels_last)  # as raysys.train
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
+    step_model = compile_step(model, t.compile)  # compiles in the warm-up
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 256, (t.batch_size, 3, size, size), dtype=torch.uint8, generator=g).to(device),
              "label": (torch.rand(t.batch_size, len(LABELS), generator=g) < 0.3).float().to(device),
              "aug_seed": torch.arange(t.batch_size)}
     augment = DeviceAugment(cfg.augment, size, device) if cfg.augment.on == "device" else None
     kwargs = {"amp": use_amp(t.amp, device), "augment": augment}
-    train_one_epoch(model, [batch] * WARMUP_STEPS, optimizer, WeightedBCE().to(device), device, **kwargs)
-    stats = train_one_epoch(model, [batch] * STANDALONE_STEPS, optimizer, WeightedBCE().to(device), device, **kwargs)
+    train_one_epoch(step_model, [batch] * WARMUP_STEPS, optimizer, WeightedBCE().to(device), device, **kwargs)
+    stats = train_one_epoch(step_model, [batch] * STANDALONE_STEPS, optimizer, WeightedBCE().to(device), device,
+                            **kwargs)
     return stats["train_images_per_s"]
 
 
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     parser.add_argument("--augment-on", choices=["data", "device"], default="data")
     parser.add_argument("--amp", default="auto", help="training step precision: auto, bf16 or off")
+    parser.add_argument("--compile", default="off", help="torch.compile the step (both sides): off, default, "
+                        "reduce-overhead (CUDA graphs), max-autotune or aot_eager")
     parser.add_argument("--no-cache", action="store_true", help="train from the DICOMs, not a prepared cache")
     add_ray_flags(parser)
     args = parser.parse_args(argv)
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model.weights": "none", "augment.on": args.augment_on,
             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.workers": args.workers,
             "train.cpus_per_worker": args.cpus_per_worker, "train.gpus_per_worker": 1.0 if gpus else 0.0,
-            "train.amp": args.amp, "train.storage_path": str(tmp / "runs"), "train.name": "e2e",
+            "train.amp": args.amp, "train.compile": args.compile, "train.storage_path": str(tmp / "runs"), "train.name": "e2e",
         })
         prepare_s = None
         if not args.no_cache and not is_cache(str(data)):
@@ -111,10 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "cluster_cpus": cores,
         "source": "dicom" if args.no_cache else "cache", "prepare_s": prepare_s, "augment_on": args.augment_on,
-        "amp": args.amp, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+        "amp": args.amp, "compile": args.compile, "image_size": args.image_size, "batch_size": args.batch_size,
+        "workers": args.workers,
         "images_per_epoch": int(history["train_images"].iloc[-1]),
         "epochs": [{"epoch": int(r.epoch), "images_per_s_per_worker": round(r.train_images_per_s, 1),
-                    "first_batch_s": round(r.first_batch_seconds, 2), "epoch_s": round(r.epoch_seconds, 1)}
+                    "first_batch_s": round(r.first_batch_seconds, 2), "first_step_s": round(r.first_step_seconds, 2),
+                    "epoch_s": round(r.epoch_seconds, 1)}
                    for r in history.itertuples()],
         "e2e_images_per_s_per_worker": round(e2e, 1) if e2e else None,
         "standalone_images_per_s": round(standalone, 1),

@@ -46,6 +46,8 @@ RECIPE_FLAGS = {
     "--name": ("train.name", str, "run name; the same name resumes"),
     "--max-failures": ("train.max_failures", int, "worker-group restarts"),
     "--amp": ("train.amp", str, "training step precision: auto, bf16 or off"),
+    "--compile": ("train.compile", str, "torch.compile the training step: off, default, reduce-overhead (CUDA "
+                  "graphs), max-autotune, or aot_eager (traces without generating code: a quick check)"),
     "--max-steps-per-epoch": ("train.max_steps_per_epoch", int, "cap steps per epoch (smoke tests)"),
     "--mlflow-uri": ("train.mlflow_uri", str, "MLflow tracking URI or folder (pip install 'raysys[mlflow]')"),
     "--mlflow-experiment": ("train.mlflow_experiment", str, "MLflow experiment name"),

@@ -102,6 +102,9 @@ class ModelConfig:
             _resolve_fields(self, "weights")
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "aot_eager")  # raysys.engine.compile_step
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 8  # reference recipe
@@ -116,6 +119,7 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     keep_checkpoints: int = 2  # best k by validation weighted log loss
     amp: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16" forces it; "off"
+    compile: str = "off"  # torch.compile the training step (COMPILE_MODES); off: measured slower on CPUs (README)
     max_steps_per_epoch: int = 0  # 0 = a full pass; > 0 caps steps (smoke tests)
     mlflow_uri: str = ""  # MLflow tracking URI (http://..., sqlite:///..., a folder): params, epochs, best checkpoint
     mlflow_experiment: str = "raysys"  # the MLflow experiment runs and sweep trials go to
@@ -131,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0 and decay in (0, 1], got {self.lr}, {self.decay}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,18 @@ def use_amp(setting: str, device: torch.device) -> bool:
 INFERENCE_AMP = "auto"
 
 
+def compile_step(model: nn.Module, setting: str) -> nn.Module:
+    """The module the training step calls under `train.compile`: the model itself ("off"), torch.compile with that
+    inductor mode ("default", "reduce-overhead": CUDA graphs, "max-autotune"), or torch.compile's aot_eager backend,
+    which traces forward and backward as compilation does and runs them eagerly (seconds instead of minutes: a
+    check that the model compiles). Its first step compiles; it shares the model's parameters."""
+    if setting == "off":
+        return model
+    if setting == "aot_eager":
+        return torch.compile(model, backend="aot_eager")
+    return torch.compile(model, mode=setting)
+
+
 def _inputs(images: torch.Tensor | np.ndarray, model: nn.Module, device: torch.device) -> torch.Tensor:
     """(B, C, S, S) uint8 -> the model's normalised float input on `device`, channels_last."""
     contract = unwrap(model).contract
@@ -105,6 +117,7 @@ def train_one_epoch(
     """
     model.train()
     total_loss, images, steps, skipped, start, first_batch = 0.0, 0, 0, 0, time.perf_counter(), None
+    first_step = 0.0
     for batch in batches:
         if first_batch is None:
             first_batch = time.perf_counter() - start  # pipeline start-up: a long one means the data is late
@@ -129,6 +142,8 @@ def train_one_epoch(
         total_loss += loss.item() * len(y)
         images += len(y)
         steps += 1
+        if steps == 1:  # a compiled model compiles here: its first step is mostly compilation
+            first_step = time.perf_counter() - start - first_batch
         if on_step:
             on_step(steps, images, time.perf_counter() - start)
         if max_steps and steps >= max_steps:
@@ -136,7 +151,7 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(images, 1), "train_images": images, "train_seconds": seconds,
             "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0,
-            "train_skipped_batches": skipped}
+            "first_step_seconds": first_step, "train_steps": steps, "train_skipped_batches": skipped}
 
 
 def score_batches(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:

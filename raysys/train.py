@@ -19,7 +19,7 @@ from raysys import data as rdata
 from raysys import storage
 from raysys.config import Config, from_dict, save_config
 from raysys.device_augment import DeviceAugment
-from raysys.engine import WeightedBCE, train_one_epoch, use_amp, validate
+from raysys.engine import WeightedBCE, compile_step, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.model import build_model, load_backbone, read_meta, read_state, save_checkpoint, unwrap
 from raysys.runtime import cpus_left
@@ -188,6 +188,8 @@ def train_loop(config: dict) -> None:
                         neighbors=cfg.data.neighbors)
     model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))  # as in raysys.engine
+    # Only the training step is compiled; validation, checkpoints and resume use the plain module (unwrap).
+    step_model = compile_step(model, t.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.decay)  # lr x decay^epoch
     start, history = _resume(model, optimizer, scheduler)
@@ -211,7 +213,7 @@ def train_loop(config: dict) -> None:
             # the running epochs needed. Per-rank datasets streamed in the worker's own process made the demo's
             # two concurrent trials 50% slower.)
             ray.train.get_dataset_shard(f"train_{epoch + 1}")
-        stats = train_one_epoch(model, batches, optimizer, loss_fn, device, amp=amp,
+        stats = train_one_epoch(step_model, batches, optimizer, loss_fn, device, amp=amp,
                                 augment=augment, aux_weight=cfg.model.aux_weight, max_steps=t.max_steps_per_epoch)
         scheduler.step()
         stats["train_loss"] = _mean_across_workers(stats["train_loss"], device)
@@ -235,6 +237,11 @@ def train_loop(config: dict) -> None:
                   f"{SCORE} {metrics[SCORE]:.4f}{flag}  {stats['train_images_per_s']:.1f} img/s/worker  "
                   f"epoch {epoch_seconds[-1]:.0f}s  checkpoint {time.perf_counter() - saving:.1f}s  ETA {eta:.0f}s",
                   flush=True)
+            if t.compile != "off" and epoch == first:
+                later = (stats["train_seconds"] - stats["first_batch_seconds"] - stats["first_step_seconds"]) / max(
+                    stats["train_steps"] - 1, 1)
+                print(f"{tag} torch.compile ({t.compile}): first step {stats['first_step_seconds']:.1f}s "
+                      f"(compiling), later steps {later:.2f}s", flush=True)
             board.write(metrics)
             log_epoch(mlflow, metrics)
         else:
@@ -260,10 +267,12 @@ def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:
 
 
 def _shard(name: str, cfg: Config, device):
-    """This worker's batches of the dataset `name`, on its device."""
+    """This worker's batches of the dataset `name`, on its device. A compiled training step drops an epoch's
+    partial last batch: its shape would compile the step again (at most batch_size - 1 of the epoch's sample)."""
     columns = VAL_COLUMNS if name == "val" else train_columns(cfg)
     return ray.train.get_dataset_shard(name).iter_torch_batches(
-        batch_size=cfg.train.batch_size, dtypes={c: DTYPES[c] for c in columns}, device=device, prefetch_batches=2)
+        batch_size=cfg.train.batch_size, dtypes={c: DTYPES[c] for c in columns}, device=device, prefetch_batches=2,
+        drop_last=name != "val" and cfg.train.compile != "off")
 
 
 def _flatten(val: dict) -> dict:
