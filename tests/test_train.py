@@ -57,14 +57,29 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     # The best checkpoint is the lowest reported score, and it reproduces that score on the val split.
     assert result.best_metrics[SCORE] == pytest.approx(history[SCORE].min())
     ck = load_checkpoint(result.best_checkpoint)
-    assert _validation_score(ck.model, phantom, run_dir) == pytest.approx(result.best_metrics[SCORE], abs=1e-4)
+    split = pd.read_csv(run_dir / "split.csv")
+    found = rdata.scan(str(phantom / "dicoms"), str(phantom / "labels.csv"))
+    val = found.index.loc[split.loc[split["split"] == "val", "image_id"]]
+    rows = rdata.image_dataset(val, found, size=SIZE).take_all()
+    batches = [{"image": torch.as_tensor(np.stack([r["image"] for r in rows])),
+                "label": torch.as_tensor(np.stack([r["label"] for r in rows]))}]
+    out = score_batches(ck.model, batches, torch.device("cpu"))
+    assert weighted_log_loss(out["labels"], out["probabilities"]) == pytest.approx(result.best_metrics[SCORE], abs=1e-4)
     assert ck.meta["labels"] == list(LABELS) and ck.meta["image_size"] == SIZE
 
-    # Relaunching with the same name and more epochs continues from the latest checkpoint.
+    # Relaunching with the same name and more epochs continues from the latest checkpoint, here with a compiled
+    # training step (torch.compile's aot_eager backend; see tests/test_compile.py) on the two DDP workers: whole
+    # batches only, and still a checkpoint of the plain model.
     monkeypatch.delenv(FAIL_ENV)
-    again = fit(_cfg(phantom, tmp_path, epochs=3))
+    batch = 5  # each worker's share of this phantom's balanced epoch (12) leaves a partial batch of 2
+    again = fit(_cfg(phantom, tmp_path, epochs=3).replace(**{"train.compile": "aot_eager", "train.batch_size": batch,
+                                                             "train.max_steps_per_epoch": 0}))
     assert list(again.history["epoch"]) == [1, 2, 3]
     assert again.history["start_epoch"].iloc[-1] == 3
+    share = len(rdata.balance(split.query("split == 'train'"), epoch=3, seed=1)) // 2  # as Ray Train splits it
+    assert share % batch > 1 and again.history["train_images"].iloc[-1] == share // batch * batch
+    assert again.history["first_step_seconds"].iloc[-1] > 0
+    assert load_checkpoint(again.best_checkpoint).meta["image_size"] == SIZE  # a strict load: no compile prefix
 
     # TensorBoard, read back by TensorBoard's own reader: one point per epoch across the failure and the relaunch,
     # equal to metrics.csv.
@@ -87,37 +102,6 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(csv[SCORE]), rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     assert {"best_checkpoint/model.pt", "best_checkpoint/meta.json"} <= artifacts
-
-
-def _validation_score(model, phantom: Path, run_dir: Path) -> float:
-    """The weighted log loss of `model` on the run's validation images (split.csv), scored here."""
-    split = pd.read_csv(run_dir / "split.csv")
-    found = rdata.scan(str(phantom / "dicoms"), str(phantom / "labels.csv"))
-    val = found.index.loc[split.loc[split["split"] == "val", "image_id"]]
-    rows = rdata.image_dataset(val, found, size=SIZE).take_all()
-    batches = [{"image": torch.as_tensor(np.stack([r["image"] for r in rows])),
-                "label": torch.as_tensor(np.stack([r["label"] for r in rows]))}]
-    out = score_batches(model, batches, torch.device("cpu"))
-    return weighted_log_loss(out["labels"], out["probabilities"])
-
-
-def test_a_compiled_step_trains_two_workers_on_whole_batches_and_checkpoints_the_plain_model(ray_session, phantom,
-                                                                                             tmp_path):
-    """train.compile on two DDP workers, with torch.compile's aot_eager backend (see tests/test_compile.py)."""
-    batch = 5  # each worker's share of this phantom's balanced epoch (12) leaves a partial batch of 2
-    cfg = _cfg(phantom, tmp_path, epochs=1).replace(**{"train.compile": "aot_eager", "train.max_steps_per_epoch": 0,
-                                                       "train.batch_size": batch, "train.mlflow_uri": ""})
-    result = fit(cfg)
-    history = result.history
-    # Each worker's share of a balanced epoch, as Ray Train splits it; a compiled step drops its partial last batch.
-    train = pd.read_csv(Path(result.run_dir) / "split.csv").query("split == 'train'")
-    shares = [len(rdata.balance(train, epoch=epoch, seed=1)) // 2 for epoch in history["epoch"]]
-    assert list(history["train_images"]) == [share // batch * batch for share in shares]
-    assert any(share % batch > 1 for share in shares)  # an uncompiled step would have trained on a partial batch
-    assert (history["first_step_seconds"] > 0).all()
-    ck = load_checkpoint(result.best_checkpoint)  # a strict load: the keys carry no torch.compile prefix
-    assert _validation_score(ck.model, phantom, Path(result.run_dir)) == pytest.approx(result.best_metrics[SCORE],
-                                                                                        abs=1e-4)
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
