@@ -41,6 +41,8 @@ def test_configuration_errors_are_caught_before_anything_runs():
         SweepConfig(lr_min=1e-2, lr_max=1e-3)
     with pytest.raises(ValueError, match="tta"):
         InferenceConfig(tta="vflip")
+    with pytest.raises(ValueError, match="train.compile must be one of off, default, reduce-overhead"):
+        Config().replace(**{"train.compile": "inductor"})  # a backend's name, not one of torch.compile's modes
 
 
 def test_standalone_configs_take_strings_from_yaml_and_the_cli():
