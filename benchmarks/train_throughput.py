@@ -19,7 +19,7 @@ first_inference_s): for compile that is the compilation (training and inference 
 compiled separately), for the others cuDNN's autotuning and allocations.
 Unlike train_one_epoch, a step does not read loss.item(): this is the GPU's throughput, without
 the per-step host sync. A batch size that runs out of memory is reported as such. Without CUDA it
-runs on the CPU (bf16 there is usually slower; a note says so): for a smoke test use tiny flags.
+runs on the CPU (bf16 is fast there only with bf16 units; a note says so): for a smoke test use tiny flags.
 
     .venv/bin/python benchmarks/train_throughput.py [--batch-sizes 24,64,128] [--steps 20]
         [--warmup 5] [--image-size 256] [--compile [--compile-mode reduce-overhead]] [--out FILE]
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = "cpu"
-        log("no CUDA device: running on the CPU; bf16 autocast on CPUs is usually slower than fp32")
+        log("no CUDA device: running on the CPU; bf16 autocast is fast on CPUs with bf16 units (AMX, AVX-512 BF16) only")
     modes = ["fp32", "fp32_cl", "bf16_cl"] + (["compile"] if args.compile else [])
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"compile_vs_eager_at_{bs}"] = round(rate[("compile", bs)] / rate[(eager, bs)], 2)
             result[f"inference_compile_vs_eager_at_{bs}"] = round(served[("compile", bs)] / served[(eager, bs)], 2)
     if device.type == "cpu":
-        result["note"] = "no CUDA device: measured on the CPU, where bf16 autocast is usually slower"
+        result["note"] = "no CUDA device: measured on the CPU, where bf16 autocast is fast only with bf16 units"
     result.update(machine())
     emit(result, args.out)
     return result
