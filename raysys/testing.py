@@ -112,32 +112,53 @@ def hostile_bodies(good: bytes, *, seed: int = 0) -> dict[str, bytes]:
             "no_pixels": good[:pixels + meta_end] + element * (2 * 2**20 // len(element))}
 
 
-def untrained_checkpoints(root: str | Path, paths, size: int) -> tuple[Path, Path]:
-    """(CNN checkpoint, exported sequence checkpoint on that CNN) for serving tests, without training.
+def settle_batchnorm(model, images: np.ndarray):
+    """`model` in eval mode with every BatchNorm's running statistics those of `images` (uint8 (B, C, S, S)).
 
-    The CNN is an untrained InceptionV3 whose BatchNorm statistics are those of the images at `paths` (one
-    train-mode pass): an untrained network's logits are ~1e7 (every probability 0 or 1, features past float16's
-    range), these are as moderate as a trained model's. The GRU's correction is random, not zero, so the sequence
-    stage answers differently from its CNN. The CNN records epoch 2 (val 0.2), the stage epoch 3 (val 0.1)."""
+    An untrained InceptionV3's eval-mode logits reach ~1e9, and one trained for a handful of steps keeps statistics
+    near their initial values (logits of +-1,500): every probability is then 0 or 1 whatever the input, so a test
+    comparing probabilities could not tell a wrongly built input, and float32 sums in another order move the few
+    that are not. After one train-mode pass over `images` the logits are a few units, as a trained model's."""
     import torch
 
-    from raysys.config import Config
-    from raysys.model import build_model, read_meta, save_checkpoint
-    from raysys.presets import dicom_to_image, to_model_input
-    from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
+    from raysys.engine import infer
 
-    root = Path(root)
-    torch.manual_seed(0)
-    config = Config().replace(**{"data.image_size": size}).to_dict()
-    cnn = build_model(image_size=size)
-    images = np.stack([dicom_to_image(str(p), config["data"]["windows"], size)[0] for p in paths])
-    for module in cnn.modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None  # a plain average over the passes: here, the one pass
-    with torch.no_grad():
-        cnn.train()(to_model_input(torch.as_tensor(images), cnn.contract.mean, cnn.contract.std))
-    cnn.eval()
+    infer(model.train(), images, torch.device("cpu"))  # train mode: the batch's statistics are used and kept
+    return model.eval()
+
+
+def untrained_cnn(paths, size: int, seed: int = 0):
+    """An untrained InceptionV3 (seeded) for serving and prediction tests, its BatchNorm statistics those of the
+    DICOMs at `paths` (see settle_batchnorm), which it reads with the default windows at `size`."""
+    import torch
+
+    from raysys.config import DataConfig
+    from raysys.model import build_model
+    from raysys.presets import dicom_to_image
+
+    torch.manual_seed(seed)
+    model = build_model(image_size=size)
+    return settle_batchnorm(model, np.stack([dicom_to_image(str(p), DataConfig().windows, size)[0] for p in paths]))
+
+
+def untrained_checkpoints(root: str | Path, paths, size: int) -> tuple[Path, Path]:
+    """(CNN checkpoint, exported sequence checkpoint on that CNN) for serving tests, without training.
+
+    The CNN is `untrained_cnn(paths, size)`. The GRU's correction is random, not zero, so the sequence stage answers
+    differently from its CNN. The CNN records epoch 2 (val 0.2), the stage epoch 3 (val 0.1)."""
+    import torch
+
+    from raysys.config import Config
+    from raysys.model import read_meta, save_checkpoint
+    from raysys.sequence import SeriesGRU, cnn_reference, export_sequence, save_sequence
+
+    root = Path(root)
+    cnn = untrained_cnn(paths, size)
+    config = Config().replace(**{"data.image_size": size}).to_dict()
     cnn_dir = save_checkpoint(root / "cnn", cnn, config=config, epoch=2, metrics={"val_weighted_log_loss": 0.2})
     gru = SeriesGRU(2048, hidden=16)
     torch.nn.init.normal_(gru.correct.weight, std=1.0)

@@ -20,10 +20,10 @@ from test_cluster_config import load_cluster, make_cluster_tokens, ray_start
 from raysys.config import Config
 from raysys.engine import infer
 from raysys.labels import LABELS
-from raysys.model import build_model, read_meta, save_checkpoint
+from raysys.model import read_meta, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import PROCESS_ATOL, free_port
+from raysys.testing import PROCESS_ATOL, free_port, untrained_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -164,8 +164,8 @@ def test_train_smoke_job_succeeds_and_writes_a_checkpoint(head, tmp_path):
 def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
     """jobs/serve.yaml as shipped, with only the checkpoint and the HTTP port filled in."""
     address, env = head
-    torch.manual_seed(0)
-    model = build_model(image_size=80)
+    frame = write_dataset(tmp_path / "phantom", PhantomConfig(studies=1, slices_per_study=2, size=128, seed=4))
+    model = untrained_cnn(frame["path"], 80)  # probabilities away from 0 and 1: a wrong input would show
     checkpoint = save_checkpoint(tmp_path / "best", model, config=Config().replace(**{"data.image_size": 80}).to_dict(),
                                  epoch=1, metrics={"val_weighted_log_loss": 0.5})
     config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
@@ -188,13 +188,12 @@ def test_serve_yaml_deploys_on_the_head_and_answers_http(head, tmp_path):
             time.sleep(2)
         assert app.get("status") == "RUNNING", app
 
-        path = write_dataset(tmp_path / "phantom", PhantomConfig(studies=1, slices_per_study=2, size=128, seed=4))
-        body = Path(path["path"].iloc[0]).read_bytes()
+        body = Path(frame["path"].iloc[0]).read_bytes()
         reply = requests.post(f"http://127.0.0.1:{port}/v1/predict", data=body,
                               headers={"Content-Type": "application/dicom"}, timeout=60)
         assert reply.status_code == 200, reply.text
         image, meta = dicom_to_image(body, read_meta(checkpoint)["windows"], 80)
-        expected = infer(model.eval(), image[None], torch.device("cpu"))[0]
+        expected = infer(model, image[None], torch.device("cpu"))[0]
         answer = reply.json()
         assert answer["image_id"] == meta.image_id
         assert np.allclose([answer["probabilities"][name] for name in LABELS], expected, atol=PROCESS_ATOL)

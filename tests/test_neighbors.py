@@ -15,7 +15,7 @@ from raysys.labels import LABELS
 from raysys.model import STATE_FILE, _backbone_of, build_model, load_checkpoint, read_meta, read_state, save_checkpoint
 from raysys.predict import predict_folder
 from raysys.presets import dicom_to_image
-from raysys.testing import PROCESS_ATOL, small_phantom
+from raysys.testing import PROCESS_ATOL, settle_batchnorm, small_phantom
 from raysys.train import fit
 
 WINDOWS = "brain,subdural,soft_tissue"
@@ -113,12 +113,8 @@ def test_2_5d_images_are_each_slice_between_its_neighbours(ray_session, phantom)
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(ray_session, phantom, tmp_path_factory):
-    """A 2.5D CNN trained for two short epochs, its BatchNorm statistics then taken from the phantom's own stacks.
-
-    Six training steps leave the running statistics near their initial values: in eval mode that network's logits
-    reached +-1,500, so every probability was 0 or 1 whatever the input (a wrong stack went unnoticed), and float32
-    sums in another order moved one by 4e-4 on CI's machine. Recomputed, the logits stay within a few units.
-    """
+    """A 2.5D CNN trained for two short epochs, its BatchNorm statistics then those of the phantom's own stacks:
+    six training steps leave them near their initial values (see raysys.testing.settle_batchnorm)."""
     cfg = Config().replace(**{
         "data.data": str(phantom / "dicoms"), "data.labels": str(phantom / "labels.csv"), "data.image_size": 80,
         "data.val_fraction": 0.3, "data.neighbors": 1, "model.weights": "none", "train.epochs": 2,
@@ -127,14 +123,8 @@ def wide_checkpoint(ray_session, phantom, tmp_path_factory):
     })
     best = fit(cfg).best_checkpoint
     stacks = _series_stacks(sorted((phantom / "dicoms").rglob("*.dcm")))
-    model = load_checkpoint(best).model
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the one batch below
-    infer(model.train(), np.stack(list(stacks.values())), torch.device("cpu"))
     state = read_state(best)
-    state["model"] = model.eval().state_dict()
+    state["model"] = settle_batchnorm(load_checkpoint(best).model, np.stack(list(stacks.values()))).state_dict()
     torch.save(state, Path(best) / STATE_FILE)
     return best
 

@@ -15,20 +15,19 @@ from pydicom.data import get_testdata_file
 from raysys.config import Config, ServeConfig
 from raysys.engine import infer
 from raysys.labels import LABELS
-from raysys.model import build_model, save_checkpoint
+from raysys.model import save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.serve import TOKEN_ENV, build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import PROCESS_ATOL, free_port, hostile_bodies, wait_healthy
+from raysys.testing import PROCESS_ATOL, free_port, hostile_bodies, untrained_cnn, wait_healthy
 
 SIZE = 80
 RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "rsna-sample"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(image_size=SIZE)
+def checkpoint(tmp_path_factory, phantom):
+    model = untrained_cnn(phantom, SIZE)  # probabilities away from 0 and 1: a wrong input would show
     model.logit_offset.copy_(torch.linspace(-1, 0.5, 6))
     cfg = Config().replace(**{"data.image_size": SIZE})
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "best", model, config=cfg.to_dict(), epoch=2,
@@ -97,8 +96,11 @@ def test_multipart_with_several_files(server, checkpoint, phantom):
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["image_id"] for x in results] == [pydicom.dcmread(p).SOPInstanceUID for p in phantom[:3]]
-    for x, p in zip(results, phantom[:3]):
-        assert np.allclose([x["probabilities"][n] for n in LABELS], _expected(checkpoint, p.read_bytes()), atol=PROCESS_ATOL)
+    expected = [_expected(checkpoint, p.read_bytes()) for p in phantom[:3]]
+    for x, want in zip(results, expected):
+        assert np.allclose([x["probabilities"][n] for n in LABELS], want, atol=PROCESS_ATOL)
+    # The check can fail: each slice's answer is more than 10 x the tolerance from the others'.
+    assert min(np.abs(expected[i] - expected[j]).max() for i, j in ((0, 1), (0, 2), (1, 2))) > 10 * PROCESS_ATOL
 
 
 def test_concurrent_requests_are_batched_and_all_succeed(server, phantom):
