@@ -19,9 +19,10 @@ import torch  # noqa: E402
 from raysys.cli import main as cli_main  # noqa: E402
 from raysys.config import Config  # noqa: E402
 from raysys.labels import LABELS  # noqa: E402
-from raysys.model import build_model, save_checkpoint  # noqa: E402
+from raysys.model import save_checkpoint  # noqa: E402
 from raysys.report import Table, write_index  # noqa: E402
 from raysys.synthetic import PhantomConfig, write_dataset  # noqa: E402
+from raysys.testing import untrained_cnn  # noqa: E402
 
 SIZE = 80
 HOSTILE = '<script>alert("x")</script>'
@@ -146,10 +147,9 @@ def test_page_is_self_contained_escaped_and_shows_the_metrics(tmp_path):
 def evaluated(ray_session, tmp_path_factory):
     """`raysys evaluate` run in-process on phantom DICOMs (one unreadable) with an untrained CNN checkpoint."""
     root = tmp_path_factory.mktemp("report_index")
-    write_dataset(root / "data", PhantomConfig(studies=3, slices_per_study=(4, 5), size=128, seed=7, quirks=True,
-                                               quirk_files=1))
-    torch.manual_seed(0)
-    model = build_model(image_size=SIZE)
+    frame = write_dataset(root / "data", PhantomConfig(studies=3, slices_per_study=(4, 5), size=128, seed=7,
+                                                       quirks=True, quirk_files=1))
+    model = untrained_cnn(frame.loc[frame["quirk"] != "truncated", "path"], SIZE)  # answers that differ by image
     model.logit_offset.copy_(torch.tensor([-3.0, -2, -2, -2, -2, -1]))
     ck = save_checkpoint(root / "runs" / "ck", model, config=Config().replace(**{"data.image_size": SIZE}).to_dict(),
                          epoch=1, metrics={}, extra_meta={"label_prior": [0.01, 0.05, 0.04, 0.05, 0.06, 0.14]})
