@@ -110,6 +110,24 @@ def test_device_augment_is_reproducible_and_independent_of_batching(image):
     assert not torch.equal(out, augment(batch, [s + 100 for s in seeds]))  # other seeds, other images
 
 
+def test_the_albumentations_pipeline_is_the_recipe_in_order_with_each_probability():
+    """The reference itself, against the module's documented recipe (not against its own constants)."""
+    import cv2
+
+    cfg = AugmentConfig(hflip=0.11, vflip=0.22, rotate=0.33, affine=0.44, elastic=0.55, salt_pepper=0.66,
+                        salt_pepper_amount=0.03, rotate_limit=7)
+    steps = build_augment(cfg).transforms
+    assert [type(t).__name__ for t in steps] == ["HorizontalFlip", "VerticalFlip", "Rotate", "Affine",
+                                                 "ElasticTransform", "SaltAndPepper"]
+    assert [t.p for t in steps] == [0.11, 0.22, 0.33, 0.44, 0.55, 0.66]
+    rotate, affine, elastic, noise = steps[2:]
+    assert rotate.limit == (-7, 7)
+    assert affine.scale == {"x": (0.9, 1.1), "y": (0.9, 1.1)} and affine.shear == {"x": (-8, 8), "y": (-8, 8)}
+    assert (elastic.alpha, elastic.sigma) == (30, 6)
+    assert noise.amount == (0.03, 0.03) and noise.salt_vs_pepper == (0.4, 0.6)
+    assert all(t.border_mode == cv2.BORDER_CONSTANT and t.fill == 0 for t in (rotate, affine, elastic))  # air outside
+
+
 def test_cpu_path_is_the_albumentations_pipeline(image):
     cfg = AugmentConfig()
     pipeline = build_augment(cfg)

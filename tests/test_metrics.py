@@ -72,11 +72,15 @@ def test_auc_is_nan_for_a_single_class_column(arrays):
 def test_prior_and_summary(arrays):
     y, p = arrays
     assert np.allclose(prior(y), y.sum(axis=0) / len(y))
-    out = summarize(y, p, y_train=y)
-    baseline = np.tile(y.mean(axis=0), (len(y), 1))
+    train = y[:100].copy()
+    train[:50, 0] = 1  # a training prevalence unlike the scored images'
+    out = summarize(y, p, y_train=train)
+    baseline = np.tile(train.mean(axis=0), (len(y), 1))
     weights = np.tile([1, 1, 1, 1, 1, 2], len(y))
     expected = log_loss(y.reshape(-1), baseline.reshape(-1), sample_weight=weights, labels=[0, 1])
     assert out["prior_weighted_log_loss"] == pytest.approx(expected)
+    own = log_loss(y.reshape(-1), np.tile(y.mean(axis=0), (len(y), 1)).reshape(-1), sample_weight=weights, labels=[0, 1])
+    assert summarize(y, p)["prior_weighted_log_loss"] == pytest.approx(own) != expected  # without y_train: its own
     assert out["n_images"] == 300
 
 

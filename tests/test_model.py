@@ -8,6 +8,7 @@ from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
 from raysys.model import WeightsError, build_model, load_backbone, load_checkpoint, save_checkpoint
 from raysys.presets import to_model_input
+from raysys.testing import settle_batchnorm
 
 SIZE = 80  # smallest size InceptionV3 accepts comfortably; keeps CPU tests fast
 
@@ -111,11 +112,14 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     val = list(_batches(seed=9))
+    # Two steps leave BatchNorm's statistics near their start (every probability 0 or 1); the images' own are set.
+    settle_batchnorm(model, torch.cat([b["image"] for b in val]).numpy())
     metrics = validate(model, val, device)
     y = torch.cat([b["label"] for b in val]).numpy()
     with torch.inference_mode():
         model.eval()
         p = torch.cat([torch.sigmoid(model(to_model_input(b["image"], model.contract.mean, model.contract.std))) for b in val])
+    assert ((p > 1e-3) & (p < 1 - 1e-3)).all()  # so the score depends on every image
     assert metrics["val_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p.numpy()), rel=1e-5)
     assert set(metrics["val_per_class_auc"]) == set(LABELS)
     assert metrics["val_positives"] == int(y[:, LABELS.index("any")].sum()) > 0 and metrics["val_degenerate"] == 0
