@@ -219,13 +219,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from raysys import storage
     from raysys.config import InferenceConfig
     from raysys.predict import predict_folder, submission
     from raysys.runtime import init_ray
 
     cfg = _section(InferenceConfig, args, INFERENCE_FLAGS)
     init_ray(args.address)
-    preds = predict_folder(args.checkpoint, args.data, cfg)
+    # Unreadable files are listed in errors.csv beside the submission (with a sample, its images without a row too).
+    preds = predict_folder(args.checkpoint, args.data, cfg, run_dir=storage.parent(args.out))
     frame = submission(preds, args.out, checkpoint=args.checkpoint, sample_submission=args.sample_submission,
                        allow_missing=args.allow_missing)
     rate = len(preds.frame) / preds.seconds if preds.seconds else 0.0

@@ -154,9 +154,9 @@ def submission(
     sample_submission: str | None = None,
     allow_missing: bool = False,
 ) -> pd.DataFrame:
-    """Write the Kaggle CSV. With a sample, exactly its IDs in its order; images missing from the data
-    or unreadable are listed in errors.csv beside `out` and fail unless allow_missing fills them
-    with the training label prior."""
+    """Write the Kaggle CSV. With a sample, exactly its IDs in its order; images of the sample missing from the
+    data or unreadable are listed in errors.csv beside `out` (after every unreadable file) and fail unless
+    allow_missing fills them with the training label prior."""
     frame = predictions.frame.set_index("image_id")
     sample_ids = None
     if sample_submission:
@@ -164,9 +164,10 @@ def submission(
         wanted = sample_image_ids(sample_ids)
         missing = [i for i in wanted if i not in frame.index]
         if missing:
-            unreadable = predictions.errors.set_index("image_id")["reason"].to_dict()
-            listed = pd.DataFrame({"image_id": missing,
-                                   "reason": [unreadable.get(i, "not found in the data") for i in missing]})
+            # Every unreadable file (as the scan lists them), then the sample's images that are nowhere in the data.
+            absent = [i for i in missing if i not in set(predictions.errors["image_id"])]
+            listed = pd.concat([predictions.errors, pd.DataFrame({"image_id": absent, "path": "",
+                                                                  "reason": "not found in the data"})])
             errors_path = storage.sibling(out, "errors.csv")
             storage.write_text(errors_path, listed.to_csv(index=False))
             if not allow_missing:

@@ -40,10 +40,15 @@ def join(base: str | Path, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
+def parent(path: str | Path) -> str:
+    """The folder holding `path` (local, absolute, or a URI)."""
+    path = resolve(path)
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(path)
+
+
 def sibling(path: str | Path, name: str) -> str:
     """The file `name` in the same folder as `path`."""
-    path = resolve(path)
-    return posixpath.join(posixpath.dirname(path), name) if is_uri(path) else os.path.join(os.path.dirname(path), name)
+    return join(parent(path), name)
 
 
 def with_scheme(path: str, like: str) -> str:
@@ -221,16 +226,17 @@ def _prune_versions(current: Path, uri: str) -> None:
 
 def to_json(obj, indent: int | None = 2) -> str:
     """Strict JSON: NaN and infinities become null (other parsers reject Python's NaN tokens)."""
-    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
-def _finite(obj):
+def finite(obj):
+    """`obj` with every non-finite float (NaN, infinities), nested in dicts, lists and tuples, as None."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
-        return _finite(obj.item())
+        return finite(obj.item())
     return obj

@@ -69,18 +69,38 @@ def test_submission_follows_the_sample_and_refuses_missing_images(setup, preds, 
     assert written["ID"].tolist() == sample["ID"].tolist()
     assert written["Label"].between(0, 1).all()
 
-    # The truncated image is in the sample: listed in errors.csv, and an error unless allowed.
-    everyone = pd.DataFrame({"ID": [f"{i}_{n}" for i in frame.index for n in LABELS], "Label": 0.5})
+    # The truncated image and one that is nowhere in the data are in the sample: listed in errors.csv (the
+    # scan's columns), and an error unless allowed.
+    everyone = pd.DataFrame({"ID": [f"{i}_{n}" for i in [*frame.index, "ID_nowhere"] for n in LABELS], "Label": 0.5})
     everyone.to_csv(tmp_path / "all.csv", index=False)
     with pytest.raises(RuntimeError, match="--allow-missing"):
         submission(preds, tmp_path / "sub2.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"))
-    errors = pd.read_csv(tmp_path / "errors.csv")
+    errors = pd.read_csv(tmp_path / "errors.csv", keep_default_na=False)
     truncated = frame.index[frame["quirk"] == "truncated"][0]
-    assert errors["image_id"].tolist() == [truncated] and "cut short" in errors["reason"].iloc[0]
+    assert list(errors.columns) == ["image_id", "path", "reason"]
+    assert errors["image_id"].tolist() == [truncated, "ID_nowhere"] and "cut short" in errors["reason"].iloc[0]
+    assert errors["path"].tolist() == [frame.loc[truncated, "path"], ""]
+    assert errors["reason"].iloc[1] == "not found in the data"
     filled = submission(preds, tmp_path / "sub3.csv", checkpoint=ck, sample_submission=str(tmp_path / "all.csv"),
                         allow_missing=True)
-    rows = filled.set_index("ID").loc[[f"{truncated}_{n}" for n in LABELS], "Label"]
-    assert np.allclose(rows, [0.01, 0.05, 0.04, 0.05, 0.06, 0.14])
+    for image_id in (truncated, "ID_nowhere"):
+        rows = filled.set_index("ID").loc[[f"{image_id}_{n}" for n in LABELS], "Label"]
+        assert np.allclose(rows, [0.01, 0.05, 0.04, 0.05, 0.06, 0.14])
+
+
+def test_the_predict_command_lists_unreadable_files_beside_its_submission(setup, tmp_path):
+    """`raysys predict` without a sample: one submission row per readable image and label, and errors.csv beside it."""
+    from raysys.cli import main as cli_main
+
+    root, frame, ck = setup
+    out = tmp_path / "out" / "submission.csv"
+    cli_main(["predict", "--checkpoint", ck, "--data", str(root / "data" / "dicoms"), "--out", str(out),
+              "--batch-size", "4", "--actors", "1"])
+    truncated = frame.index[frame["quirk"] == "truncated"]
+    errors = pd.read_csv(out.parent / "errors.csv")
+    assert errors["image_id"].tolist() == list(truncated) and errors["path"].tolist() == list(frame.loc[truncated, "path"])
+    written = pd.read_csv(out)
+    assert sorted(written["ID"]) == sorted(f"{i}_{n}" for i in frame.drop(index=truncated).index for n in LABELS)
 
 
 def test_evaluate_matches_the_metrics_module(setup, preds, tmp_path):
