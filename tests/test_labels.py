@@ -79,6 +79,15 @@ def test_submission_has_six_rows_per_image_in_sample_order(tmp_path):
     assert sample_image_ids(sample) == ["ID_z", "ID_x", "ID_y"]
 
 
+def test_submission_keeps_every_float32_probability_as_it_is(tmp_path):
+    """A probability just under 1 (or over 0) is written as itself, not rounded to 1, which the metric would clip
+    to 1 - 1e-15: 34.5 for a negative instead of 14.7."""
+    probs = np.array([[0.9999996, 1e-7, 0.123456789, 0.5, 0.99999994, 0.0]], dtype=np.float32)
+    write_submission(tmp_path / "s.csv", ["ID_a"], probs)
+    back = pd.read_csv(tmp_path / "s.csv")["Label"].to_numpy()
+    np.testing.assert_array_equal(back.astype(np.float32), probs[0])
+
+
 def test_submission_refuses_missing_extra_duplicate_or_invalid():
     probs = np.full((2, 6), 0.5)
     with pytest.raises(ValueError, match="sample rows without a prediction"):
