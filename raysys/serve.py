@@ -200,7 +200,9 @@ def _stack_neighbors(decoded: list[tuple], neighbors: int) -> list[np.ndarray]:
     lone slice is itself repeated. decoded: (image, image_id, series_id, position) per part."""
     from raysys.data import neighbor_paths
 
-    frame = pd.DataFrame({"image_id": [f"part {i + 1}" for i in range(len(decoded))],
+    # Ties in position are broken by image id, as in training and in _score_series (zero-padded part numbers where
+    # a slice has none, so that part 10 follows part 9).
+    frame = pd.DataFrame({"image_id": [d[1] or f"part {i + 1:06d}" for i, d in enumerate(decoded)],
                           "path": [str(i) for i in range(len(decoded))],
                           "series_id": [d[2] or f"part {i + 1}" for i, d in enumerate(decoded)],
                           "position": [d[3] for d in decoded]})

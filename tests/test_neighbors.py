@@ -197,3 +197,13 @@ def test_a_cache_cannot_feed_2_5d_input(tmp_path):
     (tmp_path / rdata.CACHE_MARKER).write_text("{}")
     with pytest.raises(rdata.DataError, match="2.5D"):
         rdata.image_dataset(_frame(), str(tmp_path), neighbors=1)
+
+
+def test_serve_stacks_slices_without_positions_in_part_order():
+    """Eleven parts of one series with no position and no SOPInstanceUID: neighbours are the parts before and
+    after (part 10 follows part 9, not part 1)."""
+    from raysys.serve import _stack_neighbors
+
+    decoded = [(np.full((3, 2, 2), k, np.uint8), "", "series", float("nan")) for k in range(11)]
+    stacks = _stack_neighbors(decoded, 1)
+    assert [tuple(int(v) for v in s[::3, 0, 0]) for s in stacks] == [(max(k - 1, 0), k, min(k + 1, 10)) for k in range(11)]
