@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -263,7 +264,13 @@ def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1, meta["metrics"].get("history", [])
+    return state["epoch"] + 1, restored_history(meta["metrics"].get("history", []))
+
+
+def restored_history(history: list[dict]) -> list[dict]:
+    """A checkpoint's epoch records as they were written: strict JSON keeps a diverged epoch's infinite score as
+    null, which no comparison with the next epoch's score accepts."""
+    return [{**h, SCORE: math.inf if h.get(SCORE) is None else h[SCORE]} for h in history]
 
 
 def _shard(name: str, cfg: Config, device):

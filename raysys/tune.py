@@ -78,7 +78,8 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
                 for bracket, rungs in zip(self._brackets, json.loads(storage.read_text(self._state_path))):
                     for (milestone, recorded), saved in zip(bracket._rungs, rungs):
                         if float(saved["milestone"]) == float(milestone):
-                            recorded.update(saved["recorded"])
+                            # Strict JSON saved a diverged trial's -inf (its infinite score, negated) as null.
+                            recorded.update({t: -math.inf if v is None else v for t, v in saved["recorded"].items()})
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -207,8 +208,16 @@ def _tune_run_config(sweep_dir: str, s: SweepConfig, tracking: list) -> tune.Run
         # TensorBoard logger: each trial's Train run writes its own events, raysys.tracking, which Tune's would
         # repeat under tuner/, and Tune imports tensorboardX on the first result, 1.4-2.5 s on 2 cores that Ray
         # reported as a slow callback in four warnings).
-        callbacks=[TrialLog(), CSVLoggerCallback(), JsonLoggerCallback(), *tracking],
+        callbacks=[TrialLog(), CSVLoggerCallback(), StrictJsonLogger(), *tracking],
     )
+
+
+class StrictJsonLogger(JsonLoggerCallback):
+    """Tune's result.json logger, with null for NaN and infinities (a label without positives in validation has a
+    NaN AUC, a diverged trial an infinite score), which Tune's own encoder writes as NaN and Infinity tokens."""
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        super().log_trial_result(iteration, trial, storage.finite(result))
 
 
 class RecipeMLflowLogger(MLflowLoggerCallback):

@@ -127,6 +127,23 @@ def test_patience_counts_epochs_since_the_best_score(scores, since, stop_at_2):
     assert not patience_spent(scores, 0)  # 0 turns it off
 
 
+def test_a_diverged_epoch_read_back_from_its_checkpoint_still_counts_as_the_worst():
+    """Strict JSON stores an infinite score as null; a relaunch compares the scores it reads back."""
+    import json
+
+    from raysys import storage
+    from raysys.sequence import patience_spent
+    from raysys.train import SCORE, restored_history
+
+    history = [{"epoch": 1, SCORE: 0.5}, {"epoch": 2, SCORE: float("inf"), "val_auc_any": float("nan")},
+               {"epoch": 3, SCORE: 0.6}]
+    stored = json.loads(storage.to_json({"history": history}))["history"]
+    assert stored[1][SCORE] is None  # what a relaunch finds
+    back = restored_history(stored)
+    assert [h[SCORE] for h in back] == [0.5, float("inf"), 0.6]
+    assert patience_spent([h[SCORE] for h in back], 2) and not patience_spent([h[SCORE] for h in back], 3)
+
+
 def test_training_that_leaves_no_cpu_for_its_data_says_so(ray_session, caplog):
     from raysys.runtime import cpus_left
 

@@ -3,6 +3,7 @@ and a sweep whose driver was killed resumes under the same name from object stor
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -16,9 +17,9 @@ import pytest
 from raysys import storage
 from raysys.config import Config
 from raysys.model import load_checkpoint
-from raysys.testing import small_phantom
+from raysys.testing import small_phantom, strict_json
 from raysys.train import SCORE
-from raysys.tune import RUNGS_FILE, ResumableASHA, best_report, max_concurrent_trials, sweep
+from raysys.tune import RUNGS_FILE, ResumableASHA, StrictJsonLogger, best_report, max_concurrent_trials, sweep
 
 BUCKET = "s3://raysys-test"  # created by the s3_endpoint fixture
 
@@ -46,7 +47,7 @@ def _reported(tuner: str) -> dict[str, list[dict]]:
     """Tune's own record of every trial's results, read from the bucket: {trial folder name: [result dicts]}."""
     if not storage.is_dir(tuner):
         return {}
-    return {path.rsplit("/", 2)[-2]: [json.loads(line) for line in storage.read_text(path).splitlines()]
+    return {path.rsplit("/", 2)[-2]: [strict_json(line) for line in storage.read_text(path).splitlines()]
             for path in storage.list_files(tuner, "/result.json")}
 
 
@@ -209,3 +210,27 @@ def test_resumable_asha_stops_worse_trials_and_remembers_its_rungs_across_a_rest
     assert report(scheduler(), "t3", 0.95) == "STOP"  # judged against the rung the first scheduler recorded
     (tmp_path / RUNGS_FILE).unlink()
     assert report(scheduler(), "t4", 0.95) == "CONTINUE"  # Tune's own restore: an empty rung stops nothing
+
+    # A diverged trial (infinite score, stored as null) read back: the restarted scheduler judges as the one that
+    # kept its rungs in memory (the median of 0.4, 0.6 and inf is 0.6).
+    (tmp_path / RUNGS_FILE).unlink()
+    kept = scheduler()
+    for i, score in enumerate([math.inf, 0.4, 0.6]):
+        report(kept, f"d{i}", score)
+    assert report(scheduler(), "x", 0.7) == report(kept, "x", 0.7) == "STOP"
+
+
+def test_tunes_result_files_are_strict_json(ray_session, tmp_path):
+    """Tune's result.json as raysys configures it: NaN and infinities as null (Python's own parser would accept
+    the NaN and Infinity tokens Tune writes; strict_json, like other parsers, does not)."""
+    from ray.train._internal.storage import StorageContext  # what Tune gives each trial
+    from ray.tune.experiment import Trial
+
+    logger = StrictJsonLogger()
+    trial = Trial("run_trial", config={}, trial_id="t0", stub=True,
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="tuner", trial_dir_name="t0"))
+    trial.init_local_path()  # as Tune does before its loggers run
+    logger.log_trial_result(1, trial, {"epoch": 1, SCORE: math.inf, "val_auc_epidural": math.nan, "lr": 5e-4})
+    logger.log_trial_end(trial)
+    (line,) = (Path(trial.local_path) / "result.json").read_text().splitlines()
+    assert strict_json(line) == {"epoch": 1, SCORE: None, "val_auc_epidural": None, "lr": 5e-4}
