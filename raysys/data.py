@@ -325,8 +325,11 @@ def report_errors(result: Scan, max_error_fraction: float, run_dir: str | None) 
 
 
 def group_ids(index: pd.DataFrame) -> pd.Series:
-    """The unit kept whole by splits: PatientID, falling back to StudyInstanceUID, then the image."""
-    group = index["patient_id"].where(index["patient_id"] != "", index["study_id"])
+    """The unit kept whole by splits: PatientID (a slice without one takes its study's: a partly anonymised
+    study stays with its patient), falling back to StudyInstanceUID, then the image."""
+    patient, study = index["patient_id"].where(index["patient_id"] != ""), index["study_id"]
+    study_patient = patient[study != ""].groupby(study[study != ""]).first()  # each study's first PatientID
+    group = patient.fillna(study.map(study_patient)).fillna(study)
     return group.where(group != "", index["image_id"])
 
 

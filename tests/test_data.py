@@ -123,6 +123,15 @@ def test_split_falls_back_to_study_when_patient_id_is_empty(scanned):
     assert set(train["study_id"]).isdisjoint(val["study_id"])
 
 
+def test_a_slice_without_patient_id_stays_with_its_studys_patient():
+    index = _patients(4, 16, slices=4)
+    index.loc[index["image_id"].str.endswith(("_2", "_3")), "patient_id"] = ""  # half of every study anonymised
+    for seed in range(5):
+        train, val = rdata.split_by_patient(index, val_fraction=0.25, seed=seed)
+        assert set(train["study_id"]).isdisjoint(val["study_id"])
+        assert len(val) % 4 == 0 and len(val) > 0  # whole studies of four slices
+
+
 def test_balance_ratio_and_redraw_per_epoch(scanned):
     index = scanned[0].index
     pos, neg = int((index["any"] == 1).sum()), int((index["any"] == 0).sum())
