@@ -31,8 +31,8 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from raysys.engine import INFERENCE_AMP, _inputs, autocast, use_amp
-from raysys.labels import LABELS
-from raysys.model import unwrap
+from raysys.labels import ANY, LABELS
+from raysys.model import unbalance, unwrap
 
 LAYERS = ("Mixed_5d", "Mixed_6e", "Mixed_7c")  # blocks the CAM methods read
 INPUT = "input"  # the "layer" of saliency: its gradient is taken at the model's input
@@ -66,7 +66,9 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.d
         x.requires_grad_(True)
     try:
         with torch.enable_grad(), autocast(device, use_amp(INFERENCE_AMP, device)):
-            logits = model(x).float()
+            # The maps follow the network's own logits; the balancing correction (model.unbalance) only
+            # calibrates them into the probabilities returned.
+            logits = unwrap(model).network_logits(x).float()
             target = x if saliency else seen[0]
             # Row c of the batched grad_outputs picks logit labels[c] of every image: L backward passes in one.
             picks = torch.eye(len(LABELS), device=device)[labels].unsqueeze(1).expand(len(labels), len(x), len(LABELS))
@@ -92,7 +94,8 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, device: torch.d
     cam = cam.clamp(min=0)
     peak = cam.amax(dim=(2, 3), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp(min=1e-12), torch.zeros_like(cam))
-    return torch.sigmoid(logits.detach()).cpu().numpy(), cam.cpu().numpy()
+    probabilities = torch.sigmoid(unbalance(logits.detach(), unwrap(model).logit_offset[ANY]))
+    return probabilities.cpu().numpy(), cam.cpu().numpy()
 
 
 def png(image: np.ndarray) -> bytes:

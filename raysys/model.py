@@ -12,7 +12,7 @@ from torch import nn
 
 from raysys import storage
 from raysys.config import CONFIG_FILE, InputError
-from raysys.labels import LABELS
+from raysys.labels import ANY, LABELS
 
 MIN_SIZE = 75  # InceptionV3's smallest input without the aux head
 AUX_MIN_SIZE = 299  # the aux head's 5x5 conv needs a 17x17 map, i.e. >= 299 px input
@@ -32,13 +32,35 @@ class InputContract:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-class HemorrhageNet(nn.Module):
-    """InceptionV3 plus a per-label logit offset that undoes training-time class balancing.
+def unbalance(logits: torch.Tensor, any_offset: torch.Tensor) -> torch.Tensor:
+    """Logits learned on balanced epochs, at the training set's own prevalence (float32).
 
-    Training sees negatives undersampled, which inflates every label's odds by a
-    known factor; `logit_offset` (set by train.py, saved in the checkpoint) removes
-    it in eval mode, so predicted probabilities match the real prevalence. Train
-    mode returns the raw logits (InceptionOutputs when the aux head is on).
+    Balancing keeps every slice with a bleed and a share of the others, chosen by `any` alone. So `any`'s odds
+    were inflated by a constant factor, which `any_offset` (the log of the share of negatives kept, <= 0) removes.
+    A subtype's probability given a bleed was not changed by the sampling: p_k = p_k(balanced) x a, with
+    a = p_any / p_any(balanced) <= 1, a factor of each image (near 1 on a slice that clearly bleeds, where a
+    constant shift per label pulled every subtype down alike). In logits, logit(p a) = z + log a
+    - softplus(z + log(1 - a)). Where a = 1 (no balancing: offset 0; or `any` certain) the subtypes' logits come
+    back as they were, and an offset > 0 (which no balancing gives) moves `any` alone.
+    """
+    z = logits.float()
+    z_any = z[:, ANY] + any_offset
+    log_a = nn.functional.logsigmoid(z_any) - nn.functional.logsigmoid(z[:, ANY])
+    scaled = (log_a < 0)[:, None]
+    safe = torch.where(log_a < 0, log_a, -1.0)[:, None]  # finite values (and gradients) in the branch not taken
+    corrected = z[:, :ANY] + safe - nn.functional.softplus(z[:, :ANY] + torch.log(-torch.expm1(safe)))
+    subtypes = torch.where(scaled, corrected, z[:, :ANY])
+    return torch.cat([subtypes, z_any[:, None]], dim=1)  # `any` is the last label
+
+
+class HemorrhageNet(nn.Module):
+    """InceptionV3 plus the correction that undoes training-time class balancing.
+
+    Training sees negatives undersampled, which inflates the odds of a bleed by a known
+    factor; in eval mode `unbalance` removes it with `logit_offset[any]` (set by train.py,
+    saved in the checkpoint; the subtypes' entries are not used), so predicted
+    probabilities match the real prevalence. Train mode returns the raw logits
+    (InceptionOutputs when the aux head is on).
     """
 
     def __init__(self, net: nn.Module, contract: InputContract, neighbors: int = 0):
@@ -58,11 +80,15 @@ class HemorrhageNet(nn.Module):
     def aux_logits(self) -> bool:
         return bool(self.net.aux_logits)
 
-    def forward(self, x: torch.Tensor):
+    def network_logits(self, x: torch.Tensor):
+        """The network's own logits, before `unbalance` (InceptionOutputs in train mode with the aux head)."""
         if self.neighbors:
             x = x * self.input_scale + self.input_shift
-        out = self.net(x)
-        return out if self.training else out + self.logit_offset
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor):
+        out = self.network_logits(x)
+        return out if self.training else unbalance(out, self.logit_offset[ANY])
 
 
 class WeightsError(InputError, ValueError):

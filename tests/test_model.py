@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import log_loss
@@ -6,7 +7,8 @@ from sklearn.metrics import log_loss
 from raysys.engine import WeightedBCE, train_one_epoch, validate
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
-from raysys.model import WeightsError, build_model, load_backbone, load_checkpoint, save_checkpoint
+from raysys.data import balance, balance_logit_offset
+from raysys.model import WeightsError, build_model, load_backbone, load_checkpoint, save_checkpoint, unbalance
 from raysys.presets import to_model_input
 from raysys.testing import settle_batchnorm
 
@@ -29,69 +31,55 @@ def test_model_outputs_six_logits_and_declares_its_contract():
     assert model.contract.size == SIZE and model.contract.channels == 3
 
 
-def test_logit_offset_applies_in_eval_mode_only():
+def test_unbalance_is_the_probabilities_under_the_training_sets_own_prevalence():
+    """p_any = sigmoid(z_any + offset); p_k = sigmoid(z_k) x p_any / sigmoid(z_any), computed here in float64."""
+    z = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    for offset in (-2.0, -0.3):
+        got = torch.sigmoid(unbalance(z.float(), torch.tensor(offset))).double().numpy()
+        p_any = 1 / (1 + np.exp(-(z[:, 5].numpy() + offset)))
+        p_subtypes = 1 / (1 + np.exp(-z[:, :5].numpy())) * (p_any * (1 + np.exp(-z[:, 5].numpy())))[:, None]
+        np.testing.assert_allclose(got, np.column_stack([p_subtypes, p_any]), atol=1e-6)
+    assert torch.equal(unbalance(z.float(), torch.tensor(0.0)), z.float())  # no balancing: the logits as they are
+    x = z.float().requires_grad_(True)
+    for offset in (0.0, -1.0):  # both branches: finite gradients (the heat maps take them)
+        unbalance(x, torch.tensor(offset)).sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+
+def test_a_balanced_sample_corrected_by_unbalance_gives_the_populations_probabilities():
+    """balance() itself draws the epoch; per feature value, the epoch's own frequencies through unbalance() come
+    back to the population's (a constant shift per label would not: it pulls a sure bleed's subtype down too)."""
+    rng = np.random.default_rng(0)
+    p_any, p_subdural_if_any = np.array([0.01, 0.05, 0.3, 0.95]), np.array([0.3, 0.5, 0.6, 0.8])
+    b = rng.choice(4, 400_000, p=[0.6, 0.2, 0.1, 0.1])  # 14% of slices bleed, as in RSNA
+    bleed = rng.random(len(b)) < p_any[b]
+    frame = pd.DataFrame({name: 0 for name in LABELS}, index=range(len(b)))
+    frame["any"], frame["subdural"], frame["b"] = bleed.astype(int), (bleed & (rng.random(len(b)) < p_subdural_if_any[b])).astype(int), b
+    epoch = balance(frame, epoch=1, seed=0)
+    seen = epoch.groupby("b")[["subdural", "any"]].mean().to_numpy()
+    logits = torch.zeros(4, 6, dtype=torch.float64)
+    logits[:, [4, 5]] = torch.tensor(np.log(seen / (1 - seen)))
+    offset = balance_logit_offset(frame)[LABELS.index("any")]
+    got = torch.sigmoid(unbalance(logits, torch.tensor(offset))).numpy()
+    np.testing.assert_allclose(got[:, 5], p_any, rtol=0.05)
+    np.testing.assert_allclose(got[:, 4], p_any * p_subdural_if_any, rtol=0.05)
+    constant = 1 / (1 + np.exp(-(logits[:, 4].numpy() + balance_logit_offset(frame)[4])))
+    assert constant[3] < 0.95 * 0.8 - 0.2  # the per-label shift it replaces: 0.44 for the surest bleeds' 0.76
+
+
+def test_eval_mode_applies_unbalance_with_the_any_offset_and_train_mode_does_not():
     torch.manual_seed(0)
-    model = build_model(image_size=SIZE)
+    model = build_model(image_size=SIZE).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
-    model.eval()
     with torch.inference_mode():
         raw = model(x)
-        model.logit_offset.copy_(torch.arange(6.0))
-        shifted = model(x)
-    assert torch.allclose(shifted - raw, torch.arange(6.0).expand(2, 6), atol=1e-5)
-    model.train()  # dropout is random in train mode: same seed, same draw
-    torch.manual_seed(1)
-    raw_train = model.net(x)
-    torch.manual_seed(1)
-    assert torch.allclose(model(x), raw_train)
-
-
-def test_size_limits_and_aux_head():
-    with pytest.raises(ValueError, match=">= 75"):
-        build_model(image_size=64)
-    with pytest.raises(ValueError, match="299"):
-        build_model(image_size=256, aux_logits=True)
-    model = build_model(image_size=299, aux_logits=True).train()
-    out = model(torch.zeros(2, 3, 299, 299))
-    assert out.logits.shape == (2, 6) and out.aux_logits.shape == (2, 6)
-
-
-def test_imagenet_download_failure_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
-    # An empty torch cache and an unreachable proxy: the download is really attempted and fails, as offline.
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    with pytest.raises(WeightsError, match="--weights /path/to/"):
-        load_backbone("imagenet")
-
-
-def test_local_state_dict_weights_load_and_foreign_files_are_refused(tmp_path):
-    torch.manual_seed(1)
-    source = build_model(image_size=SIZE)
-    torch.save(source.state_dict(), tmp_path / "w.pth")
-    torch.save(source.net.state_dict(), tmp_path / "torchvision-style.pth")  # keys without the wrapper's "net."
-    model = build_model(load_backbone(str(tmp_path / "w.pth")), image_size=SIZE)
-    plain = build_model(load_backbone(str(tmp_path / "torchvision-style.pth")), image_size=SIZE)
-    for name in ("net.Conv2d_1a_3x3.conv.weight", "net.Mixed_7c.branch1x1.conv.weight"):
-        assert torch.equal(dict(plain.named_parameters())[name], dict(source.named_parameters())[name])
-        assert torch.equal(dict(model.named_parameters())[name], dict(source.named_parameters())[name])
-    assert load_backbone("none") is None
-    with pytest.raises(WeightsError, match="nope.pth: no such file"):
-        load_backbone(str(tmp_path / "nope.pth"))
-    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
-    with pytest.raises(WeightsError, match="not an InceptionV3 state dict"):
-        load_backbone(str(tmp_path / "other.pth"))
-    (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(WeightsError, match="not a torch state dict"):
-        load_backbone(str(tmp_path / "text.pth"))
-
-
-def test_weighted_bce_equals_the_competition_metric():
-    g = torch.Generator().manual_seed(3)
-    logits, y = torch.randn(50, 6, generator=g), (torch.rand(50, 6, generator=g) < 0.4).float()
-    p = torch.sigmoid(logits).double().numpy()
-    weights = np.tile([1, 1, 1, 1, 1, 2], 50)
-    expected = log_loss(y.numpy().reshape(-1), p.reshape(-1), sample_weight=weights, labels=[0, 1])
-    assert WeightedBCE()(logits, y).item() == pytest.approx(expected, rel=1e-5)
+        model.logit_offset.copy_(torch.tensor([0.4, 0.4, 0.4, 0.4, 0.4, -1.5]))  # the subtypes' entries are not used
+        assert torch.equal(model(x), unbalance(raw, torch.tensor(-1.5)))
+        torch.manual_seed(1)
+        trained = model.train()(x)
+        model.logit_offset.zero_()
+        torch.manual_seed(1)
+        assert torch.equal(trained, model(x))  # train mode: the raw logits, whatever the offset
 
 
 def test_to_model_input_normalises_per_channel():
