@@ -2,13 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import log_loss
 
+from raysys.data import balance, balance_logit_offset
 from raysys.engine import WeightedBCE, train_one_epoch, validate
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
-from raysys.data import balance, balance_logit_offset
-from raysys.model import WeightsError, build_model, load_backbone, load_checkpoint, save_checkpoint, unbalance
+from raysys.model import build_model, load_checkpoint, save_checkpoint, unbalance
 from raysys.presets import to_model_input
 from raysys.testing import settle_batchnorm
 
@@ -54,7 +53,8 @@ def test_a_balanced_sample_corrected_by_unbalance_gives_the_populations_probabil
     b = rng.choice(4, 400_000, p=[0.6, 0.2, 0.1, 0.1])  # 14% of slices bleed, as in RSNA
     bleed = rng.random(len(b)) < p_any[b]
     frame = pd.DataFrame({name: 0 for name in LABELS}, index=range(len(b)))
-    frame["any"], frame["subdural"], frame["b"] = bleed.astype(int), (bleed & (rng.random(len(b)) < p_subdural_if_any[b])).astype(int), b
+    subdural = bleed & (rng.random(len(b)) < p_subdural_if_any[b])
+    frame["any"], frame["subdural"], frame["b"] = bleed.astype(int), subdural.astype(int), b
     epoch = balance(frame, epoch=1, seed=0)
     seen = epoch.groupby("b")[["subdural", "any"]].mean().to_numpy()
     logits = torch.zeros(4, 6, dtype=torch.float64)
