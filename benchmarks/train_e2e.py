@@ -33,9 +33,12 @@ STANDALONE_STEPS = 20  # timed steps of the standalone rate (after WARMUP_STEPS)
 WARMUP_STEPS = 3
 
 
-def standalone_rate(cfg, device_name: str) -> float:
-    """train_one_epoch's images/s on in-memory batches: the same step the workers run, with nothing to wait for."""
+def standalone_rate(cfg, device_name: str, threads: int) -> float:
+    """train_one_epoch's images/s on in-memory batches: the same step the workers run, with nothing to wait for,
+    on as many torch threads as a worker ran (Ray sets a worker's OMP_NUM_THREADS from its CPUs: 1 for 0.5)."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from raysys.device_augment import DeviceAugment
     from raysys.engine import WeightedBCE, compile_step, train_one_epoch, use_amp
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = fit(cfg)
         history = pd.read_csv(Path(result.run_dir) / "metrics.csv")
         ray.shutdown()  # the standalone rate gets the whole machine, as the worker had it
-        standalone = standalone_rate(cfg, device_name)
+        threads = int(history["torch_threads"].iloc[-1])
+        standalone = standalone_rate(cfg, device_name, threads)
 
     later = history[history["epoch"] >= 2]
     e2e = float(later["train_images_per_s"].mean()) if len(later) else None
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "cluster_cpus": cores,
         "source": "dicom" if args.no_cache else "cache", "prepare_s": prepare_s, "augment_on": args.augment_on,
         "amp": args.amp, "compile": args.compile, "image_size": args.image_size, "batch_size": args.batch_size,
-        "workers": args.workers,
+        "workers": args.workers, "torch_threads": threads,  # a worker's, and the standalone step's
         "images_per_epoch": int(history["train_images"].iloc[-1]),
         "epochs": [{"epoch": int(r.epoch), "images_per_s_per_worker": round(r.train_images_per_s, 1),
                     "first_batch_s": round(r.first_batch_seconds, 2), "first_step_s": round(r.first_step_seconds, 2),

@@ -223,7 +223,7 @@ def train_loop(config: dict) -> None:
         val = _broadcast(val)
         epoch_seconds.append(time.perf_counter() - began)
         metrics = {"epoch": epoch, "lr": lr, "start_epoch": first, **stats, **_flatten(val),
-                   "epoch_seconds": epoch_seconds[-1]}
+                   "epoch_seconds": epoch_seconds[-1], "torch_threads": torch.get_num_threads()}
         history.append(metrics)
         if rank == 0:
             saving = time.perf_counter()

@@ -49,6 +49,8 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     assert list(history["start_epoch"]) == [1, 2]  # the restarted group began at epoch 2, not 0
     assert np.allclose(history["lr"], 1e-3 * 0.5 ** (history["epoch"] - 1))  # lr x decay^epoch
     assert history[SCORE].notna().all() and (history["train_images"] > 0).all()
+    # Each worker's torch threads: Ray sets OMP_NUM_THREADS from the worker's CPUs, at least 1.
+    assert (history["torch_threads"] == max(1, int(Config().train.cpus_per_worker))).all()
     run_dir = Path(result.run_dir)
     for name in ("metrics.csv", "curves.png", "config.yaml", "errors.csv", "split.csv"):
         assert (run_dir / name).is_file(), name
