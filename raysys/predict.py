@@ -165,7 +165,8 @@ def submission(
         missing = [i for i in wanted if i not in frame.index]
         if missing:
             # Every unreadable file (as the scan lists them), then the sample's images that are nowhere in the data.
-            absent = [i for i in missing if i not in set(predictions.errors["image_id"])]
+            unreadable = set(predictions.errors["image_id"])
+            absent = [i for i in missing if i not in unreadable]
             listed = pd.concat([predictions.errors, pd.DataFrame({"image_id": absent, "path": "",
                                                                   "reason": "not found in the data"})])
             errors_path = storage.sibling(out, "errors.csv")
