@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from raysys.labels import ANY, LABELS
-from raysys.metrics import LABEL_WEIGHTS, per_class_auc, per_class_log_loss, weighted_log_loss
+from raysys.metrics import LABEL_WEIGHTS, WORST_LOG_LOSS, per_class_auc, per_class_log_loss, weighted_log_loss
 from raysys.model import unwrap
 from raysys.presets import to_model_input
 
@@ -181,16 +181,20 @@ def validation_metrics(y: np.ndarray, p: np.ndarray) -> dict:
     """The competition score, per-class log loss and AUC, and the positives seen, for labels y and probabilities p.
 
     `val_degenerate` is 1 when no validation image has a bleed (`any` = 0 everywhere): the score
-    then measures only how confidently negatives are called negative.
+    then measures only how confidently negatives are called negative. `val_diverged` is 1 when the model's
+    outputs are not finite (NaN weights): it then scores WORST_LOG_LOSS, the worst the clipped metric can give,
+    instead of crashing the run. Not infinity: Ray Train keeps its checkpoints' scores as JSON, where infinity
+    reads back as null and breaks the ranking of every later checkpoint when the run is relaunched.
     """
     positives = int(y[:, ANY].sum())
     counts = {"val_images": int(len(y)), "val_positives": positives, "val_degenerate": int(positives == 0)}
-    if not np.isfinite(p).all():  # a diverged model scores infinitely badly instead of crashing the run
-        return {"val_weighted_log_loss": float("inf"), "val_per_class_log_loss": dict.fromkeys(LABELS, float("inf")),
-                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), **counts}
+    if not np.isfinite(p).all():
+        return {"val_weighted_log_loss": WORST_LOG_LOSS, "val_per_class_log_loss": dict.fromkeys(LABELS, WORST_LOG_LOSS),
+                "val_per_class_auc": dict.fromkeys(LABELS, float("nan")), **counts, "val_diverged": 1}
     return {
         "val_weighted_log_loss": weighted_log_loss(y, p),
         "val_per_class_log_loss": per_class_log_loss(y, p),
         "val_per_class_auc": per_class_auc(y, p),
         **counts,
+        "val_diverged": 0,
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from raysys.labels import LABELS
@@ -9,6 +11,7 @@ from raysys.labels import LABELS
 # Competition weights, in LABELS order: `any` counts twice, each subtype once.
 LABEL_WEIGHTS = np.array([2.0 if name == "any" else 1.0 for name in LABELS])
 EPS = 1e-15  # the competition clips predictions to [EPS, 1 - EPS]
+WORST_LOG_LOSS = -math.log(EPS)  # every cell confidently wrong: the most any clipped log loss can be (34.54)
 
 
 def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

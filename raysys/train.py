@@ -233,7 +233,8 @@ def train_loop(config: dict) -> None:
                                 extra_meta={"label_prior": config["label_prior"]})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             eta = (t.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
-            flag = "  (no bleed in validation)" if metrics["val_degenerate"] else ""
+            flag = ("  (diverged: the model's outputs are not finite)" if metrics["val_diverged"] else
+                    "  (no bleed in validation)" if metrics["val_degenerate"] else "")
             print(f"{tag} epoch {epoch}/{t.epochs}  lr {lr:.2e}  train_loss {stats['train_loss']:.4f}  "
                   f"{SCORE} {metrics[SCORE]:.4f}{flag}  {stats['train_images_per_s']:.1f} img/s/worker  "
                   f"epoch {epoch_seconds[-1]:.0f}s  checkpoint {time.perf_counter() - saving:.1f}s  ETA {eta:.0f}s",
@@ -268,8 +269,8 @@ def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:
 
 
 def restored_history(history: list[dict]) -> list[dict]:
-    """A checkpoint's epoch records as they were written: strict JSON keeps a diverged epoch's infinite score as
-    null, which no comparison with the next epoch's score accepts."""
+    """A checkpoint's epoch records as they were written. Checkpoints from before diverged epochs scored
+    WORST_LOG_LOSS hold their infinite score as null (strict JSON), which no comparison accepts: read it as inf."""
     return [{**h, SCORE: math.inf if h.get(SCORE) is None else h[SCORE]} for h in history]
 
 

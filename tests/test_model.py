@@ -1,3 +1,7 @@
+import copy
+import json
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,6 +117,18 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     assert metrics["val_positives"] == int(y[:, LABELS.index("any")].sum()) > 0 and metrics["val_degenerate"] == 0
     negatives = [{**b, "label": torch.zeros_like(b["label"])} for b in val]
     assert validate(model, negatives, device)["val_degenerate"] == 1  # no bleed: the score only measures negatives
+
+    assert metrics["val_diverged"] == 0
+
+    # A diverged model (NaN weights) scores the worst the clipped metric can give, a finite number: Ray Train keeps
+    # checkpoint scores as JSON, and an infinite one read back as null broke the next relaunch of the run.
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.net.fc.weight.fill_(float("nan"))
+    diverged = validate(broken, val, device)
+    assert diverged["val_diverged"] == 1
+    assert diverged["val_weighted_log_loss"] == pytest.approx(math.log(1e15))
+    json.dumps({k: v for k, v in diverged.items() if k != "val_per_class_auc"}, allow_nan=False)  # no inf anywhere
 
     cfg = {"data": {"windows": "brain,subdural,soft_tissue"}}
     save_checkpoint(tmp_path / "ck", model, config=cfg, epoch=3, metrics=metrics, optimizer=optimizer)
