@@ -142,6 +142,16 @@ def _config(args: argparse.Namespace):
         raise SystemExit(f"config error: {e}") from None
 
 
+def _require(cfg, command: str, *keys: str) -> None:
+    """Refuse, before Ray starts, a run missing what it cannot do without, naming the flag."""
+    flags = {"data.data": "--data (a folder or URI of .dcm files, or a prepared cache)",
+             "data.labels": "--labels (the RSNA ID,Label CSV)",
+             "sequence.cnn": "--checkpoint (the trained CNN checkpoint)"}
+    missing = [flags[key] for key in keys if not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])]
+    if missing:
+        raise SystemExit(f"raysys {command}: missing {' and '.join(missing)}")
+
+
 def _section(cls, args: argparse.Namespace, table: dict):
     """InferenceConfig / ServeConfig from the given flags; defaults from config.py."""
     from raysys.config import build_config
@@ -169,6 +179,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from raysys.runtime import init_ray
 
     cfg = _config(args)
+    _require(cfg, "prepare", "data.data")
     init_ray(args.address)
     _print_json(prepare(cfg.data, args.out))
 
@@ -179,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from raysys.train import SCORE, fit
 
     cfg = _config(args)
+    _require(cfg, "train", "data.data", "data.labels")
     init_ray(args.address)
     _print_fit(fit(cfg), SCORE, "train")
 
@@ -190,6 +202,7 @@ def cmd_train_sequence(args: argparse.Namespace) -> None:
     from raysys.train_sequence import fit_sequence
 
     cfg = _config(args)
+    _require(cfg, "train-sequence", "data.data", "data.labels", "sequence.cnn")
     init_ray(args.address)
     _print_fit(fit_sequence(cfg), SCORE, "train-sequence")
 
@@ -210,12 +223,33 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from raysys.runtime import init_ray
     from raysys.tune import sweep
 
+    if args.stage == "sequence":
+        _sequence_flags(args)
     cfg = _config(args)
+    _require(cfg, "tune", "data.data", "data.labels", *(("sequence.cnn",) if args.stage == "sequence" else ()))
     init_ray(args.address)
     result = sweep(cfg, stage=args.stage)
     log.info("report: %s", sweep_page(result, stage=args.stage))
     print(result.trials.drop(columns=["checkpoint"]).to_string(index=False))
     _print_json({"sweep_dir": result.sweep_dir, "best": result.best_dir})
+
+
+# `raysys tune` flags that set the CNN's training; with --stage sequence the CNN is already trained.
+CNN_ONLY_FLAGS = ("--windows", "--image-size", "--neg-ratio", "--neighbors", "--weights", "--aux-logits", "--amp",
+                  "--compile", "--max-steps-per-epoch")
+
+
+def _sequence_flags(args: argparse.Namespace) -> None:
+    """`raysys tune --stage sequence`: --batch-size is the sequence stage's (series per step); the CNN's own
+    flags are refused, by name, instead of being silently ignored."""
+    given = [flag for flag in CNN_ONLY_FLAGS if getattr(args, RECIPE_FLAGS[flag][0], None) is not None]
+    if given:
+        raise SystemExit(f"raysys tune --stage sequence: {', '.join(given)} set the CNN's training, which "
+                         "--checkpoint already holds; the sequence stage's settings are --set sequence.KEY=VALUE")
+    batch = getattr(args, RECIPE_FLAGS["--batch-size"][0])
+    if batch is not None:
+        setattr(args, RECIPE_FLAGS["--batch-size"][0], None)
+        args.set.append(f"{SEQUENCE_FLAGS['--batch-size'][0]}={batch}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -285,11 +319,8 @@ def _resolve_paths(args: argparse.Namespace) -> None:
             setattr(args, name, resolve(getattr(args, name)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    from raysys.runtime import configure_logging, plain_output
-
-    plain_output()
-    configure_logging()
+def build_parser() -> argparse.ArgumentParser:
+    """The `raysys` command line: one subcommand per job, each with its handler as `func`."""
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,8 +393,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--workdir", default="demo-out")
     p.set_defaults(func=lambda a: __import__("raysys.demo", fromlist=["main"]).main(a))
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    from raysys.runtime import configure_logging, plain_output
+
+    plain_output()
+    configure_logging()
+    args = build_parser().parse_args(argv)
     _resolve_paths(args)
     from raysys.config import InputError
 

@@ -25,6 +25,9 @@ class InputError(Exception):
     The CLI prints it as one line without a traceback."""
 
 
+SQLITE = "sqlite:///"  # an MLflow URI whose path follows; sqlite:////abs/x.db is absolute
+
+
 def _resolve_fields(obj, *names: str) -> None:
     """Make the named path fields of a frozen config absolute (URIs untouched): the one place paths are resolved."""
     for name in names:
@@ -54,6 +57,8 @@ class DataConfig:
             raise ValueError(f"data.fold must be in [0, {self.folds}), got {self.fold}")
         if self.folds == 1:
             raise ValueError("data.folds must be 0 (single split) or >= 2")
+        if self.seed < 0:
+            raise ValueError(f"data.seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
         if self.image_size < 75:
             raise ValueError(f"data.image_size must be >= 75 (InceptionV3's minimum), got {self.image_size}")
         if self.neg_ratio <= 0:
@@ -128,6 +133,9 @@ class TrainConfig:
         _resolve_fields(self, "storage_path")
         if self.mlflow_uri and "://" not in self.mlflow_uri and not self.mlflow_uri.startswith("databricks"):
             _resolve_fields(self, "mlflow_uri")  # a plain folder: MLflow's file store, made absolute here
+        elif self.mlflow_uri.startswith(SQLITE) and not self.mlflow_uri[len(SQLITE):].startswith("/"):
+            # sqlite:///mlflow.db is relative to the working directory, and Train workers run in their own
+            object.__setattr__(self, "mlflow_uri", SQLITE + storage.resolve(self.mlflow_uri[len(SQLITE):]))
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise ValueError(f"train.epochs, batch_size and workers must be >= 1, "
                              f"got {self.epochs}, {self.batch_size}, {self.workers}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from raysys.config import Config
 from raysys.labels import LABELS, write_labels
 from raysys.testing import small_phantom, strict_json
 
@@ -115,3 +116,27 @@ def test_bad_weights_fail_on_the_driver_in_seconds_with_one_message(ray_session,
     assert log.count(message) == 1, log
     assert "Traceback" not in log and "scan " not in log and "[train" not in log  # no data scanned, no worker
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--labels", "labels.csv"], "raysys train: missing --data"),
+    (["train", "--data", "dicoms"], "raysys train: missing --labels"),
+    (["train-sequence", "--data", "dicoms", "--labels", "labels.csv"], "raysys train-sequence: missing --checkpoint"),
+    (["tune", "--stage", "sequence", "--checkpoint", "best", "--data", "dicoms", "--labels", "labels.csv",
+      "--image-size", "128", "--amp", "bf16"], "--image-size, --amp set the CNN's training"),
+])
+def test_a_missing_or_misplaced_flag_is_named_before_anything_starts(tmp_path, args, message):
+    # No Ray address: the command must stop before it would start or join one.
+    done = subprocess.run([RAYSYS, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and message in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout and "Ray" not in done.stdout
+
+
+def test_tune_batch_size_with_the_sequence_stage_sets_the_sequence_stages():
+    from raysys.cli import _config, _sequence_flags, build_parser
+
+    args = build_parser().parse_args(["tune", "--stage", "sequence", "--checkpoint", "/ck", "--batch-size", "3"])
+    _sequence_flags(args)
+    cfg = _config(args)
+    assert cfg.sequence.batch_size == 3 and cfg.train.batch_size == Config().train.batch_size

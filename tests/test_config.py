@@ -18,6 +18,11 @@ def test_local_paths_become_absolute_where_the_config_is_built_and_uris_pass_thr
     assert cfg.train.storage_path == os.path.join(str(tmp_path), "runs")
     assert cfg.sweep.storage_path == "s3://bucket/sweeps"
     assert Config().replace(**{"model.weights": "imagenet"}).model.weights == "imagenet"
+    # MLflow: a folder and a relative SQLite file become absolute (Train workers run in their own folders)
+    for uri, expected in [("mlruns", os.path.join(str(tmp_path), "mlruns")),
+                          ("sqlite:///db/mlflow.db", "sqlite:///" + os.path.join(str(tmp_path), "db", "mlflow.db")),
+                          ("sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db"), ("http://127.0.0.1:5000", None)]:
+        assert Config().replace(**{"train.mlflow_uri": uri}).train.mlflow_uri == (expected or uri)
     assert Config().data.labels == ""  # nothing given: nothing made up
     # A config rebuilt elsewhere (a Train worker, a Tune trial) keeps the paths of the place it was built.
     monkeypatch.chdir("/")
@@ -35,6 +40,8 @@ def test_yaml_then_flags_and_unknown_keys_or_bad_types_are_errors(tmp_path):
 
 
 def test_configuration_errors_are_caught_before_anything_runs():
+    with pytest.raises(ValueError, match="data.seed must be >= 0"):
+        Config().replace(**{"data.seed": -1})
     with pytest.raises(ValueError, match="aux_logits needs data.image_size >= 299"):
         Config().replace(**{"model.aux_logits": True, "data.image_size": 256})
     with pytest.raises(ValueError, match="lr_min"):
