@@ -3,6 +3,7 @@
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,11 @@ def smoke_data(argv: list[str]) -> tuple[str, str]:
         small_phantom(tmp)
         storage.copy_tree(tmp, out)
     return storage.join(out, "dicoms"), storage.join(out, "labels.csv")
+
+
+def smoke_name() -> str:
+    """A new run name per smoke job: a name that exists resumes that run, and a finished one trains nothing."""
+    return time.strftime("smoke-%Y%m%d-%H%M%S", time.gmtime())
 
 
 def without(argv: list[str], flag: str) -> tuple[list[str], bool]:

@@ -2,7 +2,7 @@
 
 import sys
 
-from _common import smoke_data, without
+from _common import smoke_data, smoke_name, without
 
 from raysys.cli import main
 
@@ -11,5 +11,5 @@ if smoke:
     dicoms, labels = smoke_data(argv)
     argv = ["--data", dicoms, "--labels", labels, "--image-size", "80", "--num-samples", "2", "--max-epochs", "2",
             "--batch-size", "4", "--weights", "none", "--max-steps-per-epoch", "2", "--workers-per-trial", "1",
-            "--name", "smoke", *argv]
+            "--name", smoke_name(), *argv]
 main(["tune", "--address", "auto", *argv])

@@ -2,6 +2,7 @@
 temp dir), started once for this module and always stopped."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,12 +153,16 @@ def test_train_smoke_job_succeeds_and_writes_a_checkpoint(head, tmp_path):
         time.sleep(2)
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-4000:]
-    checkpoints = sorted(p for p in (storage / "smoke").glob("checkpoint_*") if p.is_dir())
+    # A run of its own (smoke-<UTC time>): under a name used before, the job would resume that run, and a finished
+    # one would train nothing and still succeed.
+    (run,) = [p for p in storage.glob("smoke-*") if p.name != "smoke-data"]
+    assert re.fullmatch(r"smoke-\d{8}-\d{6}", run.name), run
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "model.pt").is_file() and (checkpoints[-1] / "meta.json").is_file()
-    assert (storage / "smoke" / "metrics.csv").is_file()
+    assert (run / "metrics.csv").is_file()
     # The data is where every node of a cluster reads the run, not in the driver node's temp dir.
     assert (storage / "smoke-data" / "labels.csv").is_file() and len(list((storage / "smoke-data" / "dicoms").glob("*.dcm"))) > 10
-    assert "[train smoke] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
+    assert f"[train {run.name}] epoch 2/2" in submit.stdout  # the per-epoch progress line reached the job's log
 
 
 @pytest.mark.cluster
