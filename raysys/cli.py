@@ -144,12 +144,14 @@ def _config(args: argparse.Namespace):
 
 def _require(cfg, command: str, *keys: str) -> None:
     """Refuse, before Ray starts, a run missing what it cannot do without, naming the flag."""
+    from raysys.config import InputError
+
     flags = {"data.data": "--data (a folder or URI of .dcm files, or a prepared cache)",
              "data.labels": "--labels (the RSNA ID,Label CSV)",
              "sequence.cnn": "--checkpoint (the trained CNN checkpoint)"}
     missing = [flags[key] for key in keys if not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])]
     if missing:
-        raise SystemExit(f"raysys {command}: missing {' and '.join(missing)}")
+        raise InputError(f"raysys {command}: missing {' and '.join(missing)}")
 
 
 def _section(cls, args: argparse.Namespace, table: dict):
@@ -242,9 +244,11 @@ CNN_ONLY_FLAGS = ("--windows", "--image-size", "--neg-ratio", "--neighbors", "--
 def _sequence_flags(args: argparse.Namespace) -> None:
     """`raysys tune --stage sequence`: --batch-size is the sequence stage's (series per step); the CNN's own
     flags are refused, by name, instead of being silently ignored."""
+    from raysys.config import InputError
+
     given = [flag for flag in CNN_ONLY_FLAGS if getattr(args, RECIPE_FLAGS[flag][0], None) is not None]
     if given:
-        raise SystemExit(f"raysys tune --stage sequence: {', '.join(given)} set the CNN's training, which "
+        raise InputError(f"raysys tune --stage sequence: {', '.join(given)} set the CNN's training, which "
                          "--checkpoint already holds; the sequence stage's settings are --set sequence.KEY=VALUE")
     batch = getattr(args, RECIPE_FLAGS["--batch-size"][0])
     if batch is not None:

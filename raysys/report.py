@@ -389,7 +389,7 @@ def _read_split(run_dir: str):
     path = storage.join(run_dir, SPLIT_FILE)
     if not storage.is_file(path):
         return None
-    return pd.read_csv(storage.open_bytes(path), dtype={"image_id": str, "patient_id": str})
+    return pd.read_csv(storage.open_bytes(path), dtype={"image_id": str})
 
 
 def _data_facts(split, run_dir: str) -> dict:
@@ -397,7 +397,7 @@ def _data_facts(split, run_dir: str) -> dict:
     if split is not None:
         for side, name in (("train", "training"), ("val", "validation")):
             part = split[split["split"] == side]
-            facts[f"{name} images"] = (f"{len(part)} from {part['patient_id'].nunique()} patients, "
+            facts[f"{name} images"] = (f"{len(part)} from {part['patient'].nunique()} patients, "
                                        f"{int(part['any'].sum())} with a bleed")
     errors = storage.join(run_dir, ERRORS_FILE)
     if storage.is_file(errors):

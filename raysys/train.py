@@ -10,15 +10,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.train
 import torch
+import yaml
 from ray.train.torch import TorchTrainer
 
 from raysys import data as rdata
 from raysys import storage
-from raysys.config import Config, from_dict, save_config
+from raysys.config import CONFIG_FILE, Config, InputError, from_dict, save_config
 from raysys.device_augment import DeviceAugment
 from raysys.engine import WeightedBCE, compile_step, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
@@ -66,10 +68,14 @@ class Split:
         return rdata.degenerate_validation(self.val)
 
     def save(self, run_dir: str) -> None:
-        """split.csv (image, patient, side, labels) and errors.csv in the run directory."""
+        """split.csv (image, patient, side, labels) and errors.csv in the run directory.
+
+        `patient` numbers the patients 1, 2, ... within this run: which images share one, never the DICOM PatientID
+        (runs and their folders get copied and shared)."""
         frame = pd.concat([self.train.assign(split="train"), self.val.assign(split="val")])
+        frame = frame.assign(patient=pd.factorize(frame["patient_id"])[0] + 1)
         storage.write_text(storage.join(run_dir, "split.csv"),
-                           frame[["image_id", "patient_id", "split", *LABELS]].to_csv(index=False))
+                           frame[["image_id", "patient", "split", *LABELS]].to_csv(index=False))
         storage.write_text(storage.join(run_dir, "errors.csv"), self.source.errors.to_csv(index=False))
 
 
@@ -94,6 +100,30 @@ def load_split(cfg: Config, run_dir: str | None = None) -> Split:
     return split
 
 
+# What a relaunch under the same name (it resumes the run) cannot change: the split, which must stay the one the
+# restored model was validated on, the model's input, and the optimizer's recipe, which the checkpoint restores.
+SPLIT_KEYS = ("data.seed", "data.val_fraction", "data.folds", "data.fold")
+FIXED_ON_RESUME = (*SPLIT_KEYS, "data.windows", "data.image_size", "data.neighbors", "model.aux_logits", "train.lr",
+                   "train.decay")
+
+
+def check_relaunch(cfg: Config, keys: tuple[str, ...] = FIXED_ON_RESUME) -> None:
+    """Refuse to resume a run under a recipe it was not started with, naming each change, instead of silently
+    training on with the old optimizer and a new split. A run with no checkpoint yet starts afresh: no check."""
+    run_dir = run_dir_for(cfg)
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.is_file(path) or not any(f.startswith("checkpoint_") for f in storage.folder_files(run_dir)):
+        return
+    before = from_dict(yaml.safe_load(storage.read_text(path))).to_dict()
+    now = cfg.to_dict()
+    changed = [f"{key} {before[section][name]!r} -> {now[section][name]!r}" for key in keys
+               for section, name in [key.split(".")] if before[section][name] != now[section][name]]
+    if changed:
+        raise InputError(f"{run_dir}: a run of this name exists and a relaunch resumes it, but this launch changes its "
+                         f"recipe ({'; '.join(changed)}); its checkpoint would keep the old one. Give a new --name "
+                         "for a new run, or relaunch with the run's own config.yaml.")
+
+
 def put_backbone(cfg: Config) -> ray.ObjectRef | None:
     """Resolve and check the starting weights on the driver, once, and hand them to workers by the object store.
 
@@ -106,6 +136,7 @@ def put_backbone(cfg: Config) -> ray.ObjectRef | None:
 
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Resolve the weights, scan and split the data, then train with TorchTrainer; the same name resumes."""
+    check_relaunch(cfg)
     backbone = put_backbone(cfg)
     split = load_split(cfg, run_dir_for(cfg))
     return fit_split(cfg, split, backbone, callbacks)
@@ -185,6 +216,7 @@ def train_loop(config: dict) -> None:
     t, rank = cfg.train, ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     backbone = ray.get(config["backbone"]) if config["backbone"] is not None else None
+    torch.manual_seed(cfg.data.seed)  # the new head's initial weights (with --weights none, the whole network's)
     model = build_model(backbone, image_size=cfg.data.image_size, aux_logits=cfg.model.aux_logits,
                         neighbors=cfg.data.neighbors)
     model.logit_offset.copy_(torch.tensor(config["logit_offset"]))
@@ -205,6 +237,7 @@ def train_loop(config: dict) -> None:
     mlflow = worker_mlflow(cfg, config.get("mlflow_run_id"))
     for epoch in range(start, t.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        torch.manual_seed(epoch_seed(cfg.data.seed, epoch, rank))  # dropout: the same epoch whether resumed or not
         batches = _shard(f"train_{epoch}", cfg, device)
         if epoch < t.epochs:
             # Train V2 starts a split dataset's coordinator (an actor process) when the workers first ask for it:
@@ -251,6 +284,11 @@ def train_loop(config: dict) -> None:
         _maybe_fail(config["fail"], epoch, rank)
     if board is not None:
         board.close()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """torch's seed for one worker's epoch: reproducible runs, and a resumed epoch draws what it would have."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _resume(model, optimizer, scheduler, read=read_state) -> tuple[int, list]:

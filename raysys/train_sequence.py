@@ -46,16 +46,23 @@ from raysys.sequence import (
 from raysys.tracking import EpochLog, finish_mlflow, log_epoch, mlflow_run, worker_mlflow
 from raysys.train import (
     SCORE,
+    SPLIT_KEYS,
     FitResult,
     Split,
     _broadcast,
     _flatten,
     _mean_across_workers,
     _resume,
+    check_relaunch,
+    epoch_seed,
     finish,
     load_split,
     run_dir_for,
 )
+
+# What a relaunch of a sequence run cannot change (see raysys.train.check_relaunch).
+FIXED_ON_RESUME = (*SPLIT_KEYS, "sequence.cnn", "sequence.lr", "sequence.decay", "sequence.weight_decay",
+                   "sequence.hidden", "sequence.features")
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,7 @@ def prepare_series(cfg: Config, run_dir: str | None = None) -> SeriesData:
 
 def fit_sequence(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Embed, then train the sequence stage (a relaunch with the same name resumes); best exported to <run>/best."""
+    check_relaunch(cfg, FIXED_ON_RESUME)
     return fit_series(cfg, prepare_series(cfg, run_dir_for(cfg)), callbacks)
 
 
@@ -240,6 +248,7 @@ def sequence_loop(config: dict) -> None:
     mlflow = worker_mlflow(cfg, config.get("mlflow_run_id"))
     for epoch in range(start, s.epochs + 1):
         began, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        torch.manual_seed(epoch_seed(cfg.data.seed, epoch, rank))  # dropout, as in raysys.train
         order = np.random.default_rng([cfg.data.seed, epoch]).permutation(len(share))  # reproducible, new each epoch
         batches = (pad_series([share[i] for i in order[j : j + s.batch_size]]) for j in range(0, len(order), s.batch_size))
         stats = train_sequence_epoch(model, batches, optimizer, device)

@@ -10,7 +10,7 @@ import torch
 from test_cli import mlflow_client
 
 from raysys import data as rdata
-from raysys.config import Config
+from raysys.config import Config, InputError
 from raysys.engine import score_batches
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
@@ -61,6 +61,12 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     ck = load_checkpoint(result.best_checkpoint)
     split = pd.read_csv(run_dir / "split.csv")
     found = rdata.scan(str(phantom / "dicoms"), str(phantom / "labels.csv"))
+    # Patients numbered within the run, never their DICOM PatientID: split.csv holds none of them.
+    text = (run_dir / "split.csv").read_text()
+    assert "patient_id" not in split and not [p for p in found.index["patient_id"].unique() if p in text]
+    patients = found.index.loc[split["image_id"], "patient_id"].to_numpy()
+    assert (pd.crosstab(split["patient"].to_numpy(), patients) > 0).sum(axis=1).eq(1).all()  # one number, one patient
+    assert split["patient"].nunique() == len(set(patients))
     val = found.index.loc[split.loc[split["split"] == "val", "image_id"]]
     rows = rdata.image_dataset(val, found, size=SIZE).take_all()
     batches = [{"image": torch.as_tensor(np.stack([r["image"] for r in rows])),
@@ -82,6 +88,12 @@ def test_fit_checkpoints_resumes_after_failure_and_on_relaunch(ray_session, phan
     assert share % batch > 1 and again.history["train_images"].iloc[-1] == share // batch * batch
     assert again.history["first_step_seconds"].iloc[-1] > 0
     assert load_checkpoint(again.best_checkpoint).meta["image_size"] == SIZE  # a strict load: no compile prefix
+
+    # A relaunch that changes what the checkpoint restores (the optimizer's lr) or the split is refused, naming the
+    # changes, before anything runs; batch size, compile and step caps (changed above) may change.
+    with pytest.raises(InputError, match=r"data.seed 1 -> 2; train.lr 0.001 -> 0.002") as refused:
+        fit(_cfg(phantom, tmp_path, epochs=4).replace(**{"train.lr": 2e-3, "data.seed": 2}))
+    assert str(run_dir) in str(refused.value) and "--name" in str(refused.value)
 
     # TensorBoard, read back by TensorBoard's own reader: one point per epoch across the failure and the relaunch,
     # equal to metrics.csv.
@@ -117,3 +129,4 @@ def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
         for tag in events.Tags()["scalars"]:
             out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
     return out
+

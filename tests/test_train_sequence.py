@@ -99,7 +99,7 @@ def test_sequence_run_exports_both_stages_and_beats_its_cnn_on_validation(stages
     since_best = [n - 1 - int(np.argmin(scores[:n])) for n in range(1, len(scores) + 1)]
     assert max(since_best[:-1], default=0) < 5 and (len(scores) == 12 or since_best[-1] == 5)
     split = pd.read_csv(Path(seq.run_dir) / "split.csv")
-    assert not set(split.loc[split["split"] == "val", "patient_id"]) & set(split.loc[split["split"] == "train", "patient_id"])
+    assert not set(split.loc[split["split"] == "val", "patient"]) & set(split.loc[split["split"] == "train", "patient"])
     val = split[split["split"] == "val"]
     root = stages["root"] / "train" / "dicoms"
     paths = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in root.rglob("*.dcm")}
@@ -158,11 +158,11 @@ def test_a_sequence_checkpoint_refuses_a_cnn_that_changed(stages, tmp_path):
         load_sequence(copy)
 
 
-def test_cli_needs_the_cnn_checkpoint(stages, capsys):
+def test_cli_needs_the_cnn_checkpoint(stages, caplog):
     cfg = stages["cfg"]
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train-sequence", "--data", cfg.data.data, "--labels", cfg.data.labels])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 1 and "missing --checkpoint" in caplog.text
     with pytest.raises(SystemExit) as exit_info:  # a sequence checkpoint is not a CNN to embed with
         cli_main(["train-sequence", "--checkpoint", stages["seq"].best_checkpoint, "--data", cfg.data.data,
                   "--labels", cfg.data.labels, "--storage-path", str(stages["root"] / "runs"), "--name", "again"])
