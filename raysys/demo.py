@@ -49,12 +49,32 @@ def stage(number: int, total: int, name: str):
 
 
 def main(args: argparse.Namespace) -> None:
+    from raysys.storage import is_uri
+
+    if is_uri(args.workdir):
+        raise SystemExit(f"demo: --workdir must be a local folder, got {args.workdir}")
     try:
         summary = run(Path(args.workdir), studies=args.studies or STUDIES, image_size=args.image_size or IMAGE_SIZE)
     except StageError as e:
         raise SystemExit(str(e)) from None
     if summary["held_out_weighted_log_loss"] >= summary["prior_weighted_log_loss"]:
         raise SystemExit("demo failed: the model does not beat the prior baseline on the held-out studies")
+
+
+MARKER = ".raysys-demo"  # written first into a demo's folder: only such a folder is cleared by the next demo
+
+
+def clear_workdir(workdir: Path) -> None:
+    """Empty `workdir` for a new demo and mark it as the demo's. A folder with other contents is refused, never
+    deleted: `--workdir .` must not wipe a project."""
+    if workdir.exists() and any(workdir.iterdir()):
+        earlier = all((workdir / name).exists() for name in ("summary.json", "sweep", "data"))  # before the marker
+        if not (workdir / MARKER).is_file() and not earlier:
+            raise StageError(f"demo: {workdir} holds files that are not a raysys demo's; it is cleared before each "
+                             "demo, so give an empty or new folder as --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("a raysys demo's output: `raysys demo` clears this folder\n")
 
 
 def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, trials: int = TRIALS,
@@ -71,8 +91,7 @@ def run(workdir: Path, *, studies: int = STUDIES, image_size: int = IMAGE_SIZE, 
 
     workdir = workdir.resolve()
     began = time.perf_counter()
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    clear_workdir(workdir)
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True)
     total = 8

@@ -140,3 +140,19 @@ def test_tune_batch_size_with_the_sequence_stage_sets_the_sequence_stages():
     _sequence_flags(args)
     cfg = _config(args)
     assert cfg.sequence.batch_size == 3 and cfg.train.batch_size == Config().train.batch_size
+
+
+def test_the_demo_clears_only_a_folder_of_its_own(tmp_path):
+    from raysys.demo import MARKER, StageError, clear_workdir
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="not a raysys demo's"):
+        clear_workdir(project)
+    assert (project / "notes.txt").read_text() == "mine"  # refused, not deleted
+    demo = tmp_path / "demo"
+    clear_workdir(demo)  # a new folder: made and marked
+    (demo / "summary.json").write_text("{}")
+    clear_workdir(demo)  # its own: emptied for the next demo
+    assert sorted(p.name for p in demo.iterdir()) == [MARKER]
