@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ from ray.data.datasource import Datasource, ReadTask
 from raysys import storage
 from raysys.augment import augment_images, image_seed
 from raysys.config import AugmentConfig, DataConfig, InputError
-from raysys.dicom import DicomDecodeError, decode
+from raysys.dicom import DicomDecodeError, decode, require_ct
 from raysys.labels import ANY, LABELS, read_labels
 from raysys.windowing import Window, parse_windows, window_pixels
 
@@ -62,6 +63,9 @@ META_COLUMNS = ["image_id", "path", "patient_id", "study_id", "series_id", "z", 
 ERROR_COLUMNS = ["image_id", "path", "reason"]
 CACHE_MARKER = "raysys-cache.json"  # written last by prepare(); its presence marks a complete cache
 CACHE_INDEX = "index.parquet"  # one row per cached image: META_COLUMNS + shard + row
+# Every file prepare() writes (shards: SHARD_NAME); a folder holding anything else is not replaced by a cache.
+CACHE_FILES = (CACHE_MARKER, CACHE_INDEX, "errors.csv", "labels.csv")
+SHARD_NAME = re.compile(r"shard-[0-9a-f]{32}\.parquet")
 SHARD_ROWS = 256  # images per cache shard: ~8 MB at 256 px after zstd, one read task each
 # 42 KB per real RSNA slice at 256 px, ~7,500 img/s read per core from the page cache (lz4: 52 KB, 12,000-15,000;
 # none: 197 KB): the fewest bytes from NFS or S3, and decompressing is a small part of a cache epoch's time.
@@ -96,13 +100,15 @@ def is_cache(data: str) -> bool:
 
 
 def _image_id_from_path(path: str) -> str:
-    return Path(str(path)).name.removesuffix(".dcm")
+    """The file's name without its .dcm extension in any case (the lister admits ".DCM" too)."""
+    name = Path(str(path)).name
+    return name[:-len(".dcm")] if name.lower().endswith(".dcm") else name
 
 
 def _decode_rows(paths: list[str], windows: tuple[Window, ...] | None, size: int, strict: bool) -> dict:
     """Read and decode DICOM files -> header fields (+ windowed image bytes when `windows` is given).
 
-    A file that fails, whatever the exception (unreadable, vanished, not a DICOM), yields an error row
+    A file that fails, whatever the exception (unreadable, vanished, not a DICOM, not CT), yields an error row
     naming it with an empty `image` (no pixels at all, never a stand-in image): one bad file never stops a
     scan. With strict=True it raises instead.
     """
@@ -110,6 +116,7 @@ def _decode_rows(paths: list[str], windows: tuple[Window, ...] | None, size: int
     for path in paths:
         try:
             dslice = decode(storage.read_bytes(path), name=str(path))
+            require_ct(dslice.meta, str(path))  # an MR slice decodes, but Hounsfield windows mean nothing for it
             image = b""
             if windows is not None:
                 image = window_pixels(dslice.pixels, dslice.slope, dslice.intercept, windows, size).tobytes()
@@ -333,15 +340,20 @@ def group_ids(index: pd.DataFrame) -> pd.Series:
     return group.where(group != "", index["image_id"])
 
 
+def _group_has_bleed(index: pd.DataFrame, groups: pd.Series) -> pd.Series:
+    """Per group (patient): whether any of its images has a bleed (all False without labels)."""
+    return index["any"].groupby(groups).max() > 0 if "any" in index else pd.Series(False, index=groups.unique())
+
+
 def fold_of_groups(index: pd.DataFrame, folds: int, seed: int) -> pd.Series:
     """Assign each group (patient) to one of `folds` folds, stratified on whether it has any bleed.
 
-    Patients with a bleed are dealt round-robin from fold 0, so fold 0 (the single split's
-    validation side) holds one whenever two or more patients have one, and every fold does
-    when at least `folds` of them do; the other patients start at a seeded random fold.
+    Patients with a bleed are dealt round-robin from fold 0, so fold 0 holds one whenever two or
+    more patients have one, and every fold does when at least `folds` of them do; the other
+    patients start at a seeded random fold.
     """
     groups = group_ids(index)
-    positive = index["any"].groupby(groups).max() > 0 if "any" in index else pd.Series(False, index=groups.unique())
+    positive = _group_has_bleed(index, groups)
     rng = np.random.default_rng(seed)
     assignment = {}
     for flag in (True, False):
@@ -358,16 +370,36 @@ def split_by_patient(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, validation): whole patients on one side, stratified on `any`, deterministic for the seed.
 
-    folds == 0: validation takes round(val_fraction x patients); folds = k: fold `fold` of k.
+    folds == 0: validation takes round(val_fraction x patients) patients (at least one, and never all: with a single
+    patient it is empty); folds = k: fold `fold` of k. A pure function of (index, val_fraction, seed, folds, fold):
+    the sequence stage and Tune re-create a run's split from them.
     """
     if folds:
-        assigned = fold_of_groups(index, folds, seed)
-        held = assigned == fold
+        held = fold_of_groups(index, folds, seed) == fold
     else:
-        # One split = fold 0 of round(1 / val_fraction) folds, so the two options agree.
-        assigned = fold_of_groups(index, max(2, round(1 / val_fraction)), seed)
-        held = assigned == 0
+        groups = group_ids(index)
+        held = groups.map(_held_out(index, groups, val_fraction, seed)).astype(bool)
     return index[~held], index[held]
+
+
+def _held_out(index: pd.DataFrame, groups: pd.Series, val_fraction: float, seed: int) -> pd.Series:
+    """Per group: True for the round(val_fraction x groups) groups of the validation side, stratified on `any`.
+
+    Of the patients with a bleed, validation takes the same share (at least one when two or more have one, never
+    all: a single one trains, as with folds); the rest of its patients are drawn from those without.
+    """
+    positive = _group_has_bleed(index, groups)
+    n, n_pos = len(positive), int(positive.sum())
+    n_val = max(0, min(max(1, round(val_fraction * n)), n - 1))
+    pos_val = min(max(1, round(val_fraction * n_pos)), n_pos - 1) if n_pos >= 2 else 0
+    pos_val = min(n_val, max(pos_val, n_val - (n - n_pos)))  # too few patients without a bleed: more with one
+    rng = np.random.default_rng(seed)
+    held = pd.Series(False, index=positive.index)
+    for flag, take in ((True, pos_val), (False, n_val - pos_val)):
+        members = np.array(sorted(positive.index[positive == flag]))
+        rng.shuffle(members)
+        held.loc[list(members[:take])] = True
+    return held
 
 
 def degenerate_validation(val: pd.DataFrame) -> bool:
@@ -379,22 +411,35 @@ def order_series(index: pd.DataFrame) -> pd.DataFrame:
     """`index` ordered series by series, each by position (ties by image id), with each image's place in it.
 
     Adds `series` (the series' key: its SeriesInstanceUID; an image without one is a series of its own,
-    "image:<image id>"), `slice` (0 = lowest position), `series_slices`, `duplicate_position` (another slice
-    of the series lies at the same place) and `gap_before` (the step from the previous slice is over 1.5 x
-    the series' median step: slices are missing there, e.g. files that failed to decode). A series' slices
-    may come from any folders.
+    "image:<image id>"), `slice` (0 = lowest position), `series_slices`, `isolated` (the slice has no place among
+    the others: no position at all, or one of another kind than its series'; it comes after them and has no
+    neighbours), `duplicate_position` (another slice of the series lies at the same place) and `gap_before` (the
+    step from the previous place is over 1.5 x the series' median step: slices are missing there, e.g. files that
+    failed to decode). A series' slices may come from any folders.
+
+    Positions are of two kinds (raysys.dicom.slice_position): mm from ImagePositionPatient (`z` is known) or
+    InstanceNumber, a count. A series orders the slices of the kind most of them have (mm on a tie); with no `z`
+    column every position counts as mm.
     """
     series = index["series_id"].where(index["series_id"] != "", "image:" + index["image_id"])
     position = pd.to_numeric(index["position"], errors="coerce").astype(np.float64)
-    frame = index.assign(series=series, position=position).sort_values(["series", "position", "image_id"],
-                                                                       na_position="last")
+    has_z = pd.to_numeric(index["z"], errors="coerce").notna() if "z" in index else pd.Series(True, index=index.index)
+    kind = np.where(position.isna(), "", np.where(has_z, "mm", "instance"))
+    counts = pd.DataFrame({"mm": kind == "mm", "instance": kind == "instance"}).groupby(series.to_numpy()).transform("sum")
+    isolated = kind != np.where(counts["mm"] >= counts["instance"], "mm", "instance")
+    frame = index.assign(series=series, position=position, isolated=isolated).sort_values(
+        ["series", "isolated", "position", "image_id"], na_position="last")
     groups = frame.groupby("series", sort=False)
     frame["slice"] = groups.cumcount()
     frame["series_slices"] = groups["image_id"].transform("size")
-    step = groups["position"].diff().abs()
-    median = step.where(step > 0).groupby(frame["series"]).transform("median")
-    frame["gap_before"] = (step > 1.5 * median).astype(bool)  # False where either is nan (first slice, one-slice series)
-    frame["duplicate_position"] = frame.duplicated(["series", "position"], keep=False) & frame["position"].notna()
+    placed = ~frame["isolated"].to_numpy()
+    ranked = frame.loc[placed, ["series", "position"]]  # the slices with a place in their series, in order
+    step = ranked.groupby("series", sort=False)["position"].diff().abs().to_numpy()
+    median = pd.Series(np.where(step > 0, step, np.nan)).groupby(ranked["series"].to_numpy()).transform("median")
+    gap, duplicate = np.zeros(len(frame), bool), np.zeros(len(frame), bool)
+    gap[placed] = step > 1.5 * median.to_numpy()  # False where either is nan (first slice, one-slice series)
+    duplicate[placed] = ranked.duplicated(["series", "position"], keep=False).to_numpy()
+    frame["gap_before"], frame["duplicate_position"] = gap, duplicate
     return frame
 
 
@@ -475,19 +520,26 @@ def image_dataset(
 
 def neighbor_paths(index: pd.DataFrame, series_index: pd.DataFrame, neighbors: int) -> list[list[str]]:
     """Per row of `index`: the paths of its series' slices -neighbors..neighbors (order_series of `series_index`),
-    the row's own path where that slice does not exist: past the series' end, or across a gap."""
+    the row's own path where that slice does not exist: past the series' end, across a gap, or for an isolated
+    slice. A neighbour lies at another position: slices at one place stand for it once (the first by image id)
+    and are never each other's neighbour."""
     ordered = order_series(series_index).reset_index(drop=True)
     at = {image_id: i for i, image_id in enumerate(ordered["image_id"])}
-    series, paths, gaps = ordered["series"].to_numpy(), ordered["path"].to_numpy(), ordered["gap_before"].to_numpy()
+    placed = ordered[~ordered["isolated"]]
+    first = ~placed.duplicated(["series", "position"]).to_numpy()  # the first slice at each place of a series
+    place = np.full(len(ordered), -1)
+    place[placed.index.to_numpy()] = np.cumsum(first) - 1
+    places = placed[first]
+    series, paths, gaps = places["series"].to_numpy(), places["path"].to_numpy(), places["gap_before"].to_numpy()
     out = []
     for image_id, own in zip(index["image_id"], index["path"]):
-        i = at[image_id]
+        i = place[at[image_id]]
         stack = []
         for step in range(-neighbors, neighbors + 1):
-            j, ok = i, True
-            while ok and j != i + step:  # walk slice by slice: a gap or the series' end stops the walk
+            j, ok = i, i >= 0 and step != 0
+            while ok and j != i + step:  # walk place by place: a gap or the series' end stops the walk
                 k = j + (1 if step > 0 else -1)
-                ok = 0 <= k < len(ordered) and series[k] == series[i] and not gaps[max(j, k)]
+                ok = 0 <= k < len(places) and series[k] == series[i] and not gaps[max(j, k)]
                 j = k
             stack.append(str(paths[j]) if ok else str(own))
         out.append(stack)
@@ -528,15 +580,19 @@ def prepare(cfg: DataConfig, out: str) -> dict:
 
     Unreadable files are listed in `out/errors.csv` (scan() of the cache reports them again) and
     count against max_error_fraction as in training. The labels CSV (cfg.labels) is copied in.
+    `out` may be new, empty or a previous cache, which is removed first (its marker before anything else, so a
+    prepare that then fails leaves no cache at all); a folder holding other files is refused.
     """
     windows = parse_windows(cfg.windows)
     out = storage.resolve(out)
     if cfg.labels:
         read_labels(cfg.labels)  # fail early on a bad CSV, before hours of decoding
+    labels = storage.read_bytes(cfg.labels) if cfg.labels else b""  # read before `out` is cleared: it may lie there
     sizes = storage.list_files(cfg.data, ".dcm")
     paths = list(sizes)
     if not paths:
         raise DataError(f"{cfg.data}: no .dcm files found")
+    _clear_cache_folder(out)
     order = np.random.default_rng(cfg.seed).permutation(len(paths))  # every shard a mix of patients
     start = time.perf_counter()
     written = _collect(
@@ -549,7 +605,7 @@ def prepare(cfg: DataConfig, out: str) -> dict:
     storage.write_bytes(storage.join(out, CACHE_INDEX), _parquet_bytes(pa.Table.from_pandas(index)))
     errors = written.loc[~good, ["image_id", "path", "error"]].rename(columns={"error": "reason"})
     if cfg.labels:
-        storage.write_bytes(storage.join(out, "labels.csv"), storage.read_bytes(cfg.labels))
+        storage.write_bytes(storage.join(out, "labels.csv"), labels)
     report_errors(Scan(index, errors.reset_index(drop=True), "cache", out), cfg.max_error_fraction, out)
     dicom_bytes, cache_bytes = sum(sizes.values()), storage.tree_size(out)
     stats = {
@@ -566,6 +622,26 @@ def prepare(cfg: DataConfig, out: str) -> dict:
     }
     storage.write_text(storage.join(out, CACHE_MARKER), storage.to_json(stats))
     return stats
+
+
+def _clear_cache_folder(out: str) -> None:
+    """Make `out` ready for a new cache: remove a previous cache there (complete, or left by a failed prepare),
+    marker first; refuse a file, or a folder holding any file prepare() does not write."""
+    if storage.is_file(out):
+        raise DataError(f"{out}: is a file; prepare writes a cache folder there")
+    names = storage.folder_files(out)
+    foreign = [name for name in names if not _is_cache_file(name)]
+    if foreign:
+        raise DataError(f"{out}: not empty and not a raysys cache (it holds {foreign[0]}, {len(foreign)} such files); "
+                        "prepare into a new or empty folder, or into a previous cache to replace it")
+    for name in sorted(names, key=lambda name: name != CACHE_MARKER):  # the marker first
+        storage.remove_file(storage.join(out, name))
+
+
+def _is_cache_file(name: str) -> bool:
+    """A file prepare() writes, or the temporary file of one (storage.write_bytes, stopped midway)."""
+    name = re.sub(r"\.tmp-\d+$", "", name)
+    return name in CACHE_FILES or SHARD_NAME.fullmatch(name) is not None
 
 
 def _parquet_bytes(table: pa.Table, **kwargs) -> bytes:

@@ -697,6 +697,16 @@ def _jpeg2000_size(data: bytes) -> tuple[int, int, int] | None:
     return ysiz - y_offset, xsiz - x_offset, components
 
 
+CT_MODALITIES = ("CT", "")  # "": no Modality element, accepted (a header that says nothing is not refused for it)
+
+
+def require_ct(meta: DicomMeta, label: str) -> None:
+    """Raise UnsupportedImageError when the header's Modality names another kind of image (MR, CR, ...): its
+    pixels would decode, but windows in Hounsfield units mean nothing for them."""
+    if meta.modality not in CT_MODALITIES:
+        raise UnsupportedImageError(f"{label} ({meta.image_id}): not a CT image (Modality {meta.modality})")
+
+
 def slice_position(position: list[float], orientation: list[float], instance: list[float]) -> float:
     """Where a slice lies along its series' axis: ImagePositionPatient projected on the slice normal (the cross
     product of ImageOrientationPatient's row and column directions), in mm; else the position's z (RSNA files

@@ -52,18 +52,37 @@ def sibling(path: str | Path, name: str) -> str:
 
 
 def with_scheme(path: str, like: str) -> str:
-    """A path as Ray reports it for object storage ("bucket/key") back as a URI of `like`'s scheme."""
+    """A path as a pyarrow filesystem lists it back as a URI of `like`'s scheme: "bucket/key" for object storage,
+    "/abs/path" for file:// (which keeps its leading slash: file:///abs/path)."""
     if is_uri(path) or not is_uri(like):
         return path
-    return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+    scheme = like.split("://", 1)[0]
+    return f"{scheme}://{path}" if scheme == "file" else f"{scheme}://{path.lstrip('/')}"
 
 
 def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `path` and the path it takes for it.
+
+    A URI's path is passed on as written, never parsed as a URL: an object key may hold a space, "#", "?" or "%"
+    (pyarrow's from_uri of the whole URI would refuse the space, cut the key at "#" and decode "%20"). Ray Data's
+    readers take paths the same way. Only the scheme and bucket (the URI's authority) pick the filesystem.
+    """
     target = resolve(path)
+    if not is_uri(target):
+        return pafs.LocalFileSystem(), target
+    scheme, rest = target.split("://", 1)
+    authority, _, key = rest.partition("/")
+    key = key.rstrip("/")
+    if scheme == "file":
+        if authority not in ("", "localhost"):
+            raise ValueError(f"{path}: a file:// URI takes an absolute path (file:///folder/...), not a host "
+                             f"{authority!r}")
+        return pafs.LocalFileSystem(), "/" + key
     try:
-        return pafs.FileSystem.from_uri(target)
+        fs, base = pafs.FileSystem.from_uri(f"{scheme}://{authority}")
     except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme
         raise ValueError(f"{path}: not a path or a supported URI ({e})") from None
+    return fs, f"{base.rstrip('/')}/{key}" if key else base
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -138,6 +157,16 @@ def list_files(path: str | Path, suffix: str) -> dict[str, int]:
                    if i.type == pafs.FileType.File and i.path.lower().endswith(suffix.lower())
                    and not i.path[len(selector.base_dir):].lstrip("/").startswith((".", "_")))
     return {with_scheme(p, str(path)) if is_uri(path) else p: size for p, size in found}
+
+
+def folder_files(path: str | Path) -> list[str]:
+    """Every file under a folder (recursively, hidden ones included) as its path below the folder ("a/b.txt"),
+    sorted; [] when there is no such folder."""
+    fs, where = _filesystem(path)
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    return sorted(i.path[len(where):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
 
 
 def tree_size(path: str | Path) -> int:

@@ -1,9 +1,14 @@
 """Ray Data pipeline on a real local Ray with phantom studies (quirks and one truncated file)."""
 
+import copy
+import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import ray
 
@@ -106,6 +111,20 @@ def test_validation_gets_a_patient_with_a_bleed_whenever_two_have_one(n_positive
         assert not rdata.degenerate_validation(val)
 
 
+@pytest.mark.parametrize("val_fraction", [0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.75, 0.9])
+def test_validation_holds_round_val_fraction_of_the_patients(val_fraction):
+    for n_positive, n_negative in ((0, 7), (3, 17), (1, 40), (8, 52)):
+        index = _patients(n_positive, n_negative)
+        n = n_positive + n_negative
+        want = min(max(1, round(val_fraction * n)), n - 1)  # the documented share: at least one, never all
+        for seed in range(3):
+            train, val = rdata.split_by_patient(index, val_fraction=val_fraction, seed=seed)
+            assert (val["patient_id"].nunique(), train["patient_id"].nunique()) == (want, n - want), (n, seed)
+            assert set(train["patient_id"]).isdisjoint(val["patient_id"]) and len(train) + len(val) == len(index)
+            again = rdata.split_by_patient(index, val_fraction=val_fraction, seed=seed)[1]
+            assert list(again.index) == list(val.index)  # a pure function of (seed, val_fraction)
+
+
 def test_a_single_patient_with_a_bleed_trains_and_validation_is_marked_degenerate():
     index = _patients(1, 20)
     for seed in range(5):
@@ -175,6 +194,32 @@ def test_order_series_orders_each_series_and_marks_gaps_and_duplicates():
     assert series("D") == ["d0", "d1"]
     assert series("E") == [f"e{i:03d}" for i in range(120)] and not ordered.loc[series("E"), "gap_before"].any()
     assert (ordered.loc[series("E"), "series_slices"] == 120).all()
+
+
+def test_slices_of_another_position_kind_no_position_or_the_same_position_are_not_neighbours():
+    nan = float("nan")
+    rows = [  # (image_id, series_id, position, z): no z = a position from InstanceNumber, a slice count
+        ("f0", "F", 0.0, 0.0), ("f1", "F", 5.0, 5.0), ("f2", "F", 10.0, 10.0), ("f3", "F", 2.0, nan),  # mm, one count
+        ("g0", "G", 1.0, nan), ("g1", "G", 2.0, nan), ("g2", "G", 3.0, nan), ("g3", "G", 2.5, 40.0),  # counts, one mm
+        ("h0", "H", 0.0, 0.0), ("h1", "H", 5.0, 5.0), ("h1b", "H", 5.0, 5.0), ("h2", "H", 10.0, 10.0),  # one place twice
+        ("k0", "K", 1.0, nan), ("k1", "K", 2.0, 2.0), ("k2", "K", nan, nan),  # as many of each kind: mm; no position
+    ]
+    frame = pd.DataFrame([{"image_id": i, "series_id": s, "position": p, "z": z, "path": f"/d/{i}.dcm"}
+                          for i, s, p, z in rows])
+    ordered = rdata.order_series(frame)
+    assert list(ordered["image_id"]) == ["f0", "f1", "f2", "f3", "g0", "g1", "g2", "g3", "h0", "h1", "h1b", "h2",
+                                         "k1", "k0", "k2"]
+    isolated = set(ordered.loc[ordered["isolated"], "image_id"])
+    assert isolated == {"f3", "g3", "k0", "k2"} and not ordered["gap_before"].any()
+    got = {i: [Path(p).stem for p in stack] for i, stack in zip(frame["image_id"], rdata.neighbor_paths(frame, frame, 1))}
+    # Written out by hand: an isolated slice is its own neighbours; h1 and h1b share a place and never stand for
+    # each other (h1 stands for it, first by image id).
+    assert got == {"f0": ["f0", "f0", "f1"], "f1": ["f0", "f1", "f2"], "f2": ["f1", "f2", "f2"], "f3": ["f3"] * 3,
+                   "g0": ["g0", "g0", "g1"], "g1": ["g0", "g1", "g2"], "g2": ["g1", "g2", "g2"], "g3": ["g3"] * 3,
+                   "h0": ["h0", "h0", "h1"], "h1": ["h0", "h1", "h2"], "h1b": ["h0", "h1b", "h2"],
+                   "h2": ["h1", "h2", "h2"], "k0": ["k0"] * 3, "k1": ["k1"] * 3, "k2": ["k2"] * 3}
+    two = rdata.neighbor_paths(frame[frame["image_id"] == "h1b"], frame, 2)[0]
+    assert [Path(p).stem for p in two] == ["h1b", "h0", "h1b", "h2", "h1b"]
 
 
 def test_scanned_series_follow_their_slices_and_a_failed_slice_leaves_a_gap(phantom, scanned):
@@ -366,3 +411,87 @@ def test_scan_lists_the_files_ray_data_would_read(ray_session, tmp_path):
     assert sorted(found.errors["path"]) == ours and found.index.empty  # every listed file scanned, each an error
     with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         rdata.scan(str(tmp_path / "nope"), training=False)
+
+
+# --- odd files: a phantom series edited by pydicom, and files that are not CT or named .DCM ------------------
+
+
+@pytest.fixture(scope="module")
+def odd(ray_session, phantom, tmp_path_factory):
+    """One phantom series whose lowest slice (by InstanceNumber) has no position at all, whose highest has only its
+    InstanceNumber, and whose middle slice is there twice (a copy under another SOPInstanceUID); beside it, from
+    another series, an MR slice, a slice without Modality and one without SOPInstanceUID named ID_upper.DCM."""
+    _, frame = phantom
+    clean = frame[frame.groupby("series_id")["quirk"].transform(lambda q: (q == "").all())]
+    first_series, other_series = clean["series_id"].unique()[:2]
+    folder = tmp_path_factory.mktemp("odd")
+    headers = {i: pydicom.dcmread(frame.loc[i, "path"]) for i in clean.index[clean["series_id"] == first_series]}
+    order = sorted(headers, key=lambda i: int(headers[i].InstanceNumber))
+    lowest, highest, middle = order[0], order[-1], order[len(order) // 2]
+    del headers[lowest].ImagePositionPatient, headers[lowest].InstanceNumber
+    del headers[highest].ImagePositionPatient
+    twin = copy.deepcopy(headers[middle])
+    twin.SOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID = "ID_zztwin"  # after the middle one by id
+    headers["ID_zztwin"] = twin
+    mr, no_modality, upper = clean.index[clean["series_id"] == other_series][:3]
+    headers[mr] = pydicom.dcmread(frame.loc[mr, "path"])
+    headers[mr].Modality = "MR"
+    headers[no_modality] = pydicom.dcmread(frame.loc[no_modality, "path"])
+    del headers[no_modality].Modality
+    for image_id, ds in headers.items():
+        ds.save_as(folder / f"{image_id}.dcm")
+    ds = pydicom.dcmread(frame.loc[upper, "path"])
+    del ds.SOPInstanceUID
+    ds.save_as(folder / "ID_upper.DCM")
+    found = rdata.scan(str(folder), training=False, max_error_fraction=0.5)
+    return {"folder": folder, "scan": found, "order": order, "lowest": lowest, "highest": highest, "middle": middle,
+            "mr": mr, "no_modality": no_modality}
+
+
+def test_files_that_are_not_ct_are_error_rows_and_a_missing_modality_is_accepted(odd):
+    found = odd["scan"]
+    assert list(found.errors["image_id"]) == [odd["mr"]]
+    assert found.errors["reason"].iloc[0] == f"{odd['folder'] / odd['mr']}.dcm ({odd['mr']}): not a CT image (Modality MR)"
+    assert odd["no_modality"] in found.index.index and odd["mr"] not in found.index.index
+
+
+def test_an_upper_case_extension_is_not_part_of_the_image_id(odd):
+    found = odd["scan"]
+    assert found.index.loc["ID_upper", "path"] == str(odd["folder"] / "ID_upper.DCM")
+
+
+def test_scanned_slices_without_a_place_among_their_series_stand_alone(odd):
+    found = odd["scan"]
+    lowest, highest, middle = odd["lowest"], odd["highest"], odd["middle"]
+    got = {i: [Path(p).stem for p in stack] for i, stack in zip(found.index["image_id"],
+                                                                 rdata.neighbor_paths(found.index, found.index, 1))}
+    # Independent truth: the InstanceNumber each file was written with; the lowest and highest slices lost their
+    # place (no position; an InstanceNumber among positions in mm), so the rest is one run with no gap.
+    placed = [i for i in odd["order"] if i not in (lowest, highest)]
+    want = {i: [placed[max(k - 1, 0)], i, placed[min(k + 1, len(placed) - 1)]] for k, i in enumerate(placed)}
+    want |= {lowest: [lowest] * 3, highest: [highest] * 3, "ID_zztwin": [*want[middle][:1], "ID_zztwin", *want[middle][2:]]}
+    assert {i: got[i] for i in want} == want
+
+
+def test_prepare_replaces_a_previous_cache_and_refuses_any_other_folder(odd, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = DataConfig(data=str(odd["folder"]), image_size=SIZE, max_error_fraction=0.5)
+    assert rdata.prepare(cfg, str(cache))["errors"] == 1
+    assert "not a CT image (Modality MR)" in (cache / "errors.csv").read_text()
+    old = {p.name for p in cache.glob("shard-*.parquet")}
+    assert old
+    # Prepared again with other windows, failing its error gate: no cache is left (no marker describing the old
+    # windows over new shards, no old shard).
+    with pytest.raises(rdata.DataError, match="over max_error_fraction"):
+        rdata.prepare(replace(cfg, windows="brain", max_error_fraction=0.0), str(cache))
+    assert not rdata.is_cache(str(cache)) and old.isdisjoint(p.name for p in cache.glob("shard-*.parquet"))
+    stats = rdata.prepare(replace(cfg, windows="brain"), str(cache))
+    index = pd.read_parquet(cache / rdata.CACHE_INDEX)
+    assert {p.name for p in cache.glob("shard-*.parquet")} == set(index["shard"]) and len(index) == stats["images"]
+    assert json.loads((cache / rdata.CACHE_MARKER).read_text())["windows"] == [[40, 80]]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(rdata.DataError, match=re.escape(f"{other}: not empty and not a raysys cache (it holds notes.txt")):
+        rdata.prepare(cfg, str(other))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -19,6 +19,7 @@ def test_resolve_makes_local_paths_absolute_and_leaves_uris_and_empty_alone(tmp_
     assert storage.join("gs://b/runs", "x", "y.csv") == "gs://b/runs/x/y.csv"
     assert storage.with_scheme("bucket/runs/ck", "s3://bucket/runs") == "s3://bucket/runs/ck"
     assert storage.with_scheme("/local/ck", "/local") == "/local/ck"
+    assert storage.with_scheme("/local/ck", "file:///local") == "file:///local/ck"
 
 
 def test_read_write_copy_and_download_through_uris(tmp_path):
@@ -45,6 +46,22 @@ def test_read_write_copy_and_download_through_uris(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here: no such folder"):
         storage.local_dir(f"{root}/nothing-here")
     assert storage.tree_size(str(tmp_path / "copy")) == len("hello again")
+
+
+def test_file_uri_listings_read_back_whatever_the_names_hold(tmp_path):
+    """A listing of file:///folder names files file:///folder/...; a URI's path is taken as written (a space, "#",
+    "?" and "%20" are part of the name, as in Ray Data's readers), and file:// with a host is refused."""
+    names = ["a.dcm", "b c#1?x=2.dcm", "d%20e.dcm", "sub/F.DCM"]
+    for k, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(bytes([k]) * (k + 1))
+    listed = storage.list_files(f"file://{tmp_path}", ".dcm")
+    assert listed == {f"file://{tmp_path}/{name}": k + 1 for k, name in enumerate(names)}
+    for k, name in enumerate(names):
+        assert storage.read_bytes(f"file://{tmp_path}/{name}") == bytes([k]) * (k + 1)
+    assert storage.folder_files(f"file://{tmp_path}/") == sorted(names)
+    with pytest.raises(ValueError, match="file:// URI takes an absolute path"):
+        storage.read_bytes(f"file://{str(tmp_path).lstrip('/')}/a.dcm")
 
 
 def test_downloads_of_replaced_versions_are_removed_once_unused(tmp_path):
