@@ -129,9 +129,8 @@ def test_a_missing_or_misplaced_flag_is_named_before_anything_starts(tmp_path, a
     # No Ray address: the command must stop before it would start or join one.
     done = subprocess.run([RAYSYS, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=60)
-    assert done.returncode != 0 and message in done.stdout, done.stdout
+    assert done.returncode == 1 and message in done.stdout, done.stdout
     assert "Traceback" not in done.stdout and "Ray" not in done.stdout
-
 
 def test_tune_batch_size_with_the_sequence_stage_sets_the_sequence_stages():
     from raysys.cli import _config, _sequence_flags, build_parser
