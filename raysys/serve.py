@@ -2,16 +2,19 @@
 
 POST /v1/predict  DICOM as the raw body (Content-Type: application/dicom) or multipart file(s)
 POST /v1/explain  the same bodies: predict's probabilities plus heat maps and the windowed input, as PNGs
-GET  /v1/model    stage ("cnn" or "sequence"), labels, windows, image size and validation metrics of the checkpoint
+GET  /v1/model    stage ("cnn" or "sequence"), labels, windows, image size and validation metrics of the checkpoint,
+                  its 2.5D `neighbors` (0: none) and the request `limits` (max_body_bytes, max_files)
 GET  /healthz     200 once the model is loaded
 GET  /            the viewer (raysys/viewer/index.html); GET /viewer/NAME its other files (no token: the page
                   asks for the token and sends it with its API calls)
 
-Two deployments: Gateway, the HTTP ingress (0 CPUs, on the head node), reads each body within max_body_bytes and
-relays the request to a HemorrhageService replica (the model, the batching, the routes below), which answers it. When
-a replica is lost with requests in flight (its node crashed, its process died), the Gateway sends each of them once
-more to another replica and, if that fails too, answers 503 JSON with Retry-After, where Serve's proxy alone would
-answer a plain-text 500. An answer that took the second try carries the header `X-Raysys-Retried: 1`.
+Two deployments: Gateway, the HTTP ingress (0 CPUs, on the head node), checks the bearer token where one is
+configured (every /v1/ route and any request with a body need it) before it reads a byte of the body, reads each
+body within max_body_bytes and relays the request to a HemorrhageService replica (the model, the batching, the
+routes below), which answers it. When a replica is lost with requests in flight (its node crashed, its process
+died), the Gateway sends each of them once more to another replica and, if that fails too, answers 503 JSON with
+Retry-After, where Serve's proxy alone would answer a plain-text 500. An answer that took the second try carries
+the header `X-Raysys-Retried: 1`.
 
 Preprocessing is the checkpoint's own (windows, size, label order from meta.json,
 through the same presets as training). Responses and logs carry the image id
@@ -39,8 +42,10 @@ cnn_probabilities. Only the slices of one request form a series: a series sent o
 requests is scored as several series. A SOPInstanceUID may appear once per request (400 otherwise).
 
 A 2.5D checkpoint (meta.json `neighbors` n > 0) reads each slice between its n neighbours on each side:
-they come from the same request's slices of its series, ordered as above; past a series' end or
-across a gap the slice itself stands in, so a lone slice is scored as itself repeated.
+they come from the same request's slices of its series, ordered as above; past a series' end, across a
+gap, or for a slice without a place in its series (no position) the slice itself stands in, so a lone slice
+is scored as itself repeated (raysys.data.neighbor_paths, as in training). As for a sequence
+checkpoint, a SOPInstanceUID may appear once per request (400 naming it otherwise).
 
 /v1/explain takes what /v1/predict takes (same limits, token and errors) and answers per slice
 
@@ -59,7 +64,12 @@ heatmaps, windows, size and explain added to each slice; its heat maps explain t
 (cnn_probabilities), not the GRU's reading of the series. Heat maps need a backward pass per label: on CPU
 an explained slice costs several forward passes (benchmarks/explain_latency.py), so `?labels=any,subdural`
 (comma-separated label names) asks for those maps only (`heatmaps` then holds just them; the probabilities are
-always all six): the viewer asks for the one it shows.
+always all six): the viewer asks for the one it shows. Likewise `?parts=3` (1-based part numbers of a multipart
+body, comma-separated) explains those parts only: every part is still read and is still the others' 2.5D
+neighbour or series context, but `results` holds just the parts asked for (in part order, or slice order for a
+sequence checkpoint) and only they cost a backward pass; the viewer sends a 2.5D checkpoint the whole series it
+scored with the slice it shows named this way. A query parameter given twice (`?labels=any&labels=subdural`) is
+a 400: write its values comma-separated.
 
 Hostile input costs the sender, not the other clients: decoding runs in a thread pool
 sized to the replica's CPUs, never on the event loop that answers /healthz, and bodies over
@@ -186,7 +196,8 @@ async def _multipart_files(request: Request, body: bytes, max_files: int) -> lis
 
 def _check_unique(ids: list[str], labels: list[str]) -> None:
     """400 naming the first part whose SOPInstanceUID an earlier part of the request has (a slice would count twice
-    in its series). Slices without one cannot be compared and pass."""
+    in its series, and a 2.5D stack would be built around the wrong one). Slices without one cannot be compared
+    and pass."""
     seen: dict[str, str] = {}
     for image_id, label in zip(ids, labels):
         if image_id and image_id in seen:
@@ -194,29 +205,67 @@ def _check_unique(ids: list[str], labels: list[str]) -> None:
         seen.setdefault(image_id, label)
 
 
+def _keys(uids: list[str]) -> list[str]:
+    """A request's slices' keys for ordering them: "id:" + the header's UID, or "part:" + the zero-padded part number
+    where the header has none (part 10 then follows part 9). The prefixes differ, so no header, however odd, can make
+    a UID equal a placeholder; keys are never answered or logged, and never hold a file name."""
+    return [f"id:{uid}" if uid else f"part:{row + 1:06d}" for row, uid in enumerate(uids)]
+
+
 def _stack_neighbors(decoded: list[tuple], neighbors: int) -> list[np.ndarray]:
     """2.5D input from one request: each slice between its neighbours among the request's slices of its series,
-    as in training (raysys.data.neighbor_paths: the slice itself past a series' end or across a gap), so a
-    lone slice is itself repeated. decoded: (image, image_id, series_id, position) per part."""
+    as in training (raysys.data.neighbor_paths: the slice itself past a series' end, across a gap or without a
+    place in its series), so a lone slice is itself repeated. decoded: (image, image_id, series_id, position, z) per
+    part, SOPInstanceUIDs unique (_decode checks it: neighbor_paths finds a slice by its id)."""
     from raysys.data import neighbor_paths
 
-    # Ties in position are broken by image id, as in training and in _score_series (zero-padded part numbers where
-    # a slice has none, so that part 10 follows part 9).
-    frame = pd.DataFrame({"image_id": [d[1] or f"part {i + 1:06d}" for i, d in enumerate(decoded)],
-                          "path": [str(i) for i in range(len(decoded))],
-                          "series_id": [d[2] or f"part {i + 1}" for i, d in enumerate(decoded)],
-                          "position": [d[3] for d in decoded]})
+    # Ties in position are broken by image id, as in training and in _score_series.
+    frame = pd.DataFrame({"image_id": _keys([d[1] for d in decoded]), "path": [str(i) for i in range(len(decoded))],
+                          "series_id": _keys([d[2] for d in decoded]), "position": [d[3] for d in decoded],
+                          "z": [d[4] for d in decoded]})
     return [np.concatenate([decoded[int(i)][0] for i in stack]) for stack in neighbor_paths(frame, frame, neighbors)]
+
+
+def _query_value(request: Request, name: str) -> str | None:
+    """A query parameter's value, None without it; 400 when it is given more than once (`?labels=any&labels=subdural`
+    would otherwise silently mean the last one: write `labels=any,subdural`)."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise RequestError(400, f"{name}: given {len(values)} times; give it once, its values comma-separated "
+                                f"({name}=a,b)")
+    return values[0] if values else None
+
+
+def _asked_parts(request: Request) -> list[int] | None:
+    """The 1-based part numbers of `?parts=2,5`, sorted and without repeats; None without the parameter. 400 for a
+    raw body (one part) or anything but positive whole numbers."""
+    given = _query_value(request, "parts")
+    if given is None:
+        return None
+    if not _is_multipart(request):
+        raise RequestError(400, "parts: only for a multipart body (a raw body is one part, always explained)")
+    numbers = [n.strip() for n in given.split(",")]
+    wrong = [n for n in numbers if not (n.isdigit() and int(n) > 0)]
+    if wrong or not numbers:
+        raise RequestError(400, f"parts: {', '.join(map(repr, wrong))} is not a part number; give 1-based part numbers, "
+                                "comma-separated (parts=2,5), or leave it out for every part")
+    return sorted({int(n) for n in numbers})
 
 
 def _named(labels: list[str], values: np.ndarray) -> dict[str, float]:
     return dict(zip(labels, map(float, values)))
 
 
+def _env_token() -> str | None:
+    """RAYSYS_API_TOKEN without surrounding whitespace (a trailing newline from `$(cat file)` or an env file would
+    otherwise refuse every client); None when it is unset, empty or only whitespace."""
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
 def _read_token(token_file: str | None) -> str | None:
-    """The bearer token on this node: token_file's content, else RAYSYS_API_TOKEN, else None."""
+    """The bearer token on this node: token_file's content, else RAYSYS_API_TOKEN, else None (both stripped)."""
     if token_file is None:
-        return os.environ.get(TOKEN_ENV) or None
+        return _env_token()
     try:
         token = Path(token_file).read_text().strip()
     except OSError as e:
@@ -234,6 +283,18 @@ def _node_token(token_file: str | None, require_token: bool) -> str | None:
         raise RuntimeError(f"a bearer token is required but {TOKEN_ENV} is not set on this node; "
                            "set it in the node's environment before `ray start`, or use serve token_file")
     return token
+
+
+def _unauthorized(request: Request, token: str | None) -> JSONResponse | None:
+    """401 JSON unless the request carries `Authorization: Bearer <token>` (compared in constant time); None when it
+    does or no token is configured."""
+    if token is None:
+        return None
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 # Helpers above stand before the class on purpose: Serve serializes the class when the
@@ -363,8 +424,11 @@ class HemorrhageService:
         row = {label: i for i, label in enumerate(wanted)}
         return [(p, m[[row[label] for label in labels]]) for p, m, (_, labels) in zip(probabilities, maps, items)]
 
-    async def _embed_and_explain(self, item: tuple[np.ndarray, tuple[int, ...]]) -> tuple:
-        """A sequence checkpoint's explain: the GRU's input (as for predict) and the CNN's heat maps of one image."""
+    async def _embed_and_explain(self, item: tuple[np.ndarray, tuple[int, ...] | None]) -> tuple:
+        """A sequence checkpoint's explain: the GRU's input (as for predict) and, unless the labels are None (a part
+        not asked for), the CNN's heat maps of one image."""
+        if item[1] is None:
+            return await self.infer(item[0]), None
         return tuple(await asyncio.gather(self.infer(item[0]), self.explain_batch(item)))
 
     async def forward(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
@@ -415,6 +479,10 @@ class HemorrhageService:
         info = {"stage": self.stage, "labels": self.meta["labels"], "windows": self.windows, "image_size": self.size,
                 "contract": self.meta["contract"], "model": self.checkpoint_info, "batching": self.batching,
                 "metrics": metrics}
+        # What a client must know before it sends: the viewer checks a series against the limits, and for a 2.5D
+        # checkpoint sends a slice's neighbours with it.
+        info["neighbors"] = self.neighbors
+        info["limits"] = {"max_body_bytes": self.max_body_bytes, "max_files": self.max_files}
         if self.gru is not None:  # the GRU's shape and its CNN's own score; not the CNN's path (a training machine's)
             info["sequence"] = {"features": self.gru.features, "hidden": self.gru.hidden}
             info["cnn"] = {k: self.meta["cnn"].get(k) for k in ("epoch", "val_weighted_log_loss")}
@@ -449,25 +517,40 @@ class HemorrhageService:
             return denied
         try:
             labels = self._explained_labels(request)
+            asked = _asked_parts(request)
             decoded = await self._decode(request)
+            rows = self._explained_rows(asked, len(decoded))
         except RequestError as e:
             return _refused("explain", e)
-        items = [(image, labels) for image in self._model_inputs(decoded)]
+        inputs = self._model_inputs(decoded)  # every part: a 2.5D stack or the GRU may need the parts not asked for
         if self.gru is not None:
+            items = [(image, labels if row in rows else None) for row, image in enumerate(inputs)]
             outputs, explained = zip(*await self.score(items, self._embed_and_explain))
-            shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained], labels)
-            return await self._answer_series(request, decoded, list(outputs), start, shown)
-        explained = await self.score(items, self.explain_batch)
-        shown = await asyncio.to_thread(self._shown, decoded, [maps for _, maps in explained], labels)
-        results = [{"image_id": d[1], "probabilities": _named(self.meta["labels"], p), **more}
-                   for d, (p, _), more in zip(decoded, explained, shown)]
+            shown = await asyncio.to_thread(self._shown, [decoded[r] for r in rows], [explained[r][1] for r in rows],
+                                            labels)
+            return await self._answer_series(request, decoded, list(outputs), start, dict(zip(rows, shown)))
+        explained = await self.score([(inputs[r], labels) for r in rows], self.explain_batch)
+        shown = await asyncio.to_thread(self._shown, [decoded[r] for r in rows], [maps for _, maps in explained], labels)
+        results = [{"image_id": decoded[r][1], "probabilities": _named(self.meta["labels"], p), **more}
+                   for r, (p, _), more in zip(rows, explained, shown)]
         answer = {"model": self.checkpoint_info, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
         return {**results[0], **answer} if not _is_multipart(request) else {"results": results, **answer}
+
+    @staticmethod
+    def _explained_rows(asked: list[int] | None, parts: int) -> list[int]:
+        """0-based indices of the parts to explain: those of `?parts=` (1-based), else all. 400 naming a number past
+        the request's parts."""
+        if asked is None:
+            return list(range(parts))
+        past = [n for n in asked if n > parts]
+        if past:
+            raise RequestError(400, f"parts: {', '.join(map(str, past))} past the request's {parts} parts")
+        return [n - 1 for n in asked]
 
     def _explained_labels(self, request: Request) -> tuple[int, ...]:
         """The label indices of `?labels=any,subdural` (comma-separated names, in the order given); all six without
         the parameter. 400 naming an unknown label."""
-        given = request.query_params.get("labels")
+        given = _query_value(request, "labels")
         if given is None:
             return tuple(range(len(self.meta["labels"])))
         names = [name.strip() for name in given.split(",") if name.strip()]
@@ -494,7 +577,7 @@ class HemorrhageService:
 
     async def _decode(self, request: Request) -> list[tuple]:
         """A request's DICOM bodies decoded in the thread lanes, in part order: (image, image id, series id,
-        position) each (see `_preprocess`). Raises RequestError naming the body or part at fault."""
+        position, z) each (see `_preprocess`). Raises RequestError naming the body or part at fault."""
         bodies = await self._bodies(request)
         loop = asyncio.get_running_loop()
         labels = ["body"] if len(bodies) == 1 and not _is_multipart(request) else \
@@ -505,7 +588,7 @@ class HemorrhageService:
         first_error = next((d for d in decoded if isinstance(d, BaseException)), None)
         if first_error is not None:
             raise first_error
-        if self.gru is not None:
+        if self.gru is not None or self.neighbors:  # slices are placed among each other by their ids
             _check_unique([d[1] for d in decoded], labels)
         return decoded
 
@@ -516,12 +599,12 @@ class HemorrhageService:
         return [d[0] for d in decoded]
 
     async def _answer_series(self, request: Request, decoded: list[tuple], outputs: list[tuple], start: float,
-                             extra: list[dict] | None = None) -> dict:
+                             extra: dict[int, dict] | None = None) -> dict:
         """A sequence checkpoint's answer (see the module docstring); the GRU runs off the event loop.
-        extra: fields to add to each part's result (explain's), in part order."""
+        extra: fields to add to a part's result (explain's), by part index; with it, only those parts are answered."""
         results, series, rows = await asyncio.to_thread(self._score_series, decoded, outputs)
         if extra is not None:
-            results = [{**result, **extra[row]} for result, row in zip(results, rows)]
+            results = [{**result, **extra[row]} for result, row in zip(results, rows) if row in extra]
         latency = round((time.perf_counter() - start) * 1000, 2)
         if not _is_multipart(request):  # a raw body: one slice, the CNN checkpoint's single answer plus its CNN's
             one = {k: v for k, v in results[0].items() if k not in ("series", "slice")}
@@ -532,7 +615,7 @@ class HemorrhageService:
         """(results in slice order, series after series; one summary per series; each result's part index) of a
         request's slices.
 
-        decoded: (image, image_id, series_id, position) per part; outputs: `_forward`'s (features, logits) per part.
+        decoded: (image, image_id, series_id, position, z) per part; outputs: `_forward`'s (features, logits) per part.
         """
         from raysys.data import order_series
         from raysys.sequence import score_series, series_items, sigmoid
@@ -540,8 +623,9 @@ class HemorrhageService:
         frame = pd.DataFrame({
             "image_id": [d[1] for d in decoded],
             # A slice without a SeriesInstanceUID is a series of its own (even when it has no SOPInstanceUID either).
-            "series_id": [d[2] or f"part {row + 1}" for row, d in enumerate(decoded)],
+            "series_id": _keys([d[2] for d in decoded]),
             "position": [d[3] for d in decoded],
+            "z": [d[4] for d in decoded],  # which kind of position (mm or InstanceNumber), as in training
             "row": np.arange(len(decoded)),
         })
         ordered = order_series(frame)
@@ -561,14 +645,8 @@ class HemorrhageService:
         return results, series, rows
 
     def _authorize(self, request: Request):
-        if self.token is None:
-            return None
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self.token.encode()):
-            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return None
+        """The Gateway has checked already; checked again so that a replica reached another way is not open."""
+        return _unauthorized(request, self.token)
 
     async def _bodies(self, request: Request) -> list[bytes]:
         """The DICOM bodies of a request: the raw body, or a multipart body's file parts in order."""
@@ -582,21 +660,26 @@ class HemorrhageService:
             raise RequestError(400, "empty body")
         return [body]
 
-    def _preprocess(self, body: bytes, label: str) -> tuple[np.ndarray, str, str, float]:
-        """(image, image id, series id, position along the series' axis) of one DICOM body; runs in the decode
+    def _preprocess(self, body: bytes, label: str) -> tuple[np.ndarray, str, str, float, float]:
+        """(image, image id, series id, position along the series' axis, z) of one DICOM body; runs in the decode
         pool. `label` names it in errors. The series id orders slices; it is never answered or logged."""
-        from raysys.dicom import DicomDecodeError, UnsupportedImageError
+        from raysys.dicom import DicomDecodeError, UnsupportedImageError, require_ct
         from raysys.presets import dicom_to_image
 
         try:
             image, meta = dicom_to_image(body, self.windows, self.size, name=label, limits=self.limits)
+            require_ct(meta, label)  # as training's scan: Hounsfield windows mean nothing for MR
         except UnsupportedImageError as e:
             raise RequestError(422, str(e)) from None
         except DicomDecodeError as e:
             raise RequestError(400, str(e)) from None
-        if meta.modality not in ("CT", ""):
-            raise RequestError(422, f"{label} ({meta.image_id}): not a CT image (Modality {meta.modality})")
-        return image, meta.image_id, meta.series_id, meta.position
+        return image, meta.image_id, meta.series_id, meta.position, meta.z
+
+
+def _app_path(request: Request) -> str:
+    """The request's path within the application (without the route prefix Serve put in root_path)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 HEAD_NODE = "node:__internal_head__"  # a resource only Ray's head node has (1 unit)
@@ -622,13 +705,20 @@ class Gateway:
     """
 
     def __init__(self, service, max_body_bytes: int, token_file: str | None = None, require_token: bool = False):
-        _node_token(token_file, require_token)  # the Gateway authorizes nothing, but must not start to serve openly
+        self.token = _node_token(token_file, require_token)
         self.service, self.max_body_bytes = service, max_body_bytes
         self.lost: set[str] = set()  # replicas reported lost (each is logged once)
 
     async def __call__(self, request: Request) -> Response:
+        # The token is checked before a byte of the body is read: without it a stranger's 20 MiB would be read and
+        # shipped to a replica only to be refused there. Only the API needs it; the page, its files and /healthz
+        # are public (GETs, whose bodies no route reads, so none is relayed).
+        reading = request.method not in ("GET", "HEAD")
+        if (reading or _app_path(request).startswith("/v1/")) and (denied := _unauthorized(request, self.token)):
+            log.info("%s rejected: 401 missing or wrong bearer token", request.url.path)
+            return denied
         try:
-            body = await read_body(request, self.max_body_bytes)
+            body = await read_body(request, self.max_body_bytes) if reading else b""
         except RequestError as e:
             return _refused(request.url.path, e)
         scope = {k: request.scope[k] for k in SCOPE_FIELDS if k in request.scope}
@@ -669,7 +759,7 @@ def build_app(checkpoint: str, cfg: ServeConfig = ServeConfig()):
     read_meta(checkpoint)  # fail now, with a clear message, if it is not a checkpoint
     # The token itself never travels in the application (Serve's API would show it): each replica reads its
     # node's RAYSYS_API_TOKEN or token_file, and refuses to start without one when the driver has one.
-    require_token = bool(cfg.token_file or os.environ.get(TOKEN_ENV))
+    require_token = bool(cfg.token_file or _env_token())
     actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     options = {"num_replicas": cfg.replicas, "ray_actor_options": actor}
     service = HemorrhageService.options(**options).bind(

@@ -1,9 +1,10 @@
 """POST /v1/explain and the viewer's static files on a real local Ray: real HTTP requests to 127.0.0.1.
 
-One Serve instance holds two applications for the whole module: a CNN checkpoint at / (bearer token from a
-token_file) and a sequence checkpoint built on the same CNN at /seq (open). Expected values come from the
-checkpoint loaded here: /v1/predict's answer, raysys.engine.infer, raysys.presets.dicom_to_image, and
-raysys.explain.explain (tested against independent computations in test_explain_core.py).
+One Serve instance holds three applications for the whole module: a CNN checkpoint at / (bearer token from a
+token_file), a sequence checkpoint built on the same CNN at /seq (open) and an untrained 2.5D checkpoint at /wide
+(open). Expected values come from the checkpoint loaded here: /v1/predict's answer, raysys.engine.infer,
+raysys.presets.dicom_to_image, and raysys.explain.explain (tested against independent computations in
+test_explain_core.py).
 """
 
 import base64
@@ -23,15 +24,15 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from raysys.config import ServeConfig
+from raysys.config import Config, ServeConfig
 from raysys.engine import infer
 from raysys.explain import DEFAULT_LAYER, DEFAULT_METHOD, explain
 from raysys.labels import LABELS
-from raysys.model import load_checkpoint
+from raysys.model import build_model, load_checkpoint, save_checkpoint
 from raysys.presets import dicom_to_image
 from raysys.serve import build_app
 from raysys.synthetic import PhantomConfig, write_dataset
-from raysys.testing import free_port, untrained_checkpoints, wait_healthy
+from raysys.testing import free_port, settle_batchnorm, untrained_checkpoints, wait_healthy
 
 SIZE = 80
 LIMIT = 1024 * 1024  # max_body_bytes: a 128 px phantom slice is about 33 KiB
@@ -61,8 +62,30 @@ def checkpoints(tmp_path_factory, phantom):
     return untrained_checkpoints(tmp_path_factory.mktemp("explain-ck"), phantom, SIZE)
 
 
+def _in_slice_order(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+
+
+def _stacks(images: list[np.ndarray]) -> np.ndarray:
+    """(T, 9, S, S): each of a series' images (in slice order) between its neighbours, itself past either end."""
+    last = len(images) - 1
+    return np.stack([np.concatenate([images[max(k - 1, 0)], images[k], images[min(k + 1, last)]])
+                     for k in range(len(images))])
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, checkpoints, tmp_path_factory):
+def wide(tmp_path_factory, phantom):
+    """(2.5D checkpoint with one neighbour on each side, its model) without training: an untrained network whose
+    BatchNorm statistics are those of the phantom's stacks, so that its probabilities are not all 0 or 1."""
+    torch.manual_seed(0)
+    model = settle_batchnorm(build_model(image_size=SIZE, neighbors=1, init=False),
+                             _stacks([_image(p) for p in _in_slice_order(phantom)]))
+    config = Config().replace(**{"data.image_size": SIZE, "data.neighbors": 1}).to_dict()
+    return save_checkpoint(tmp_path_factory.mktemp("wide-ck") / "best", model, config=config, epoch=1, metrics={}), model
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoints, wide, tmp_path_factory):
     from ray import serve
 
     token_file = tmp_path_factory.mktemp("token") / "token"
@@ -73,9 +96,11 @@ def server(ray_session, checkpoints, tmp_path_factory):
     serve.run(build_app(str(checkpoints[0]), cfg), name="explain-cnn", route_prefix="/", blocking=False)
     serve.run(build_app(str(checkpoints[1]), ServeConfig(cpus_per_replica=0.5, max_batch_size=8)), name="explain-seq",
               route_prefix="/seq", blocking=False)
+    serve.run(build_app(str(wide[0]), ServeConfig(cpus_per_replica=0.25, max_batch_size=8)), name="explain-wide",
+              route_prefix="/wide", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    wait_healthy(f"{url}/seq")
+    for prefix in ("", "/seq", "/wide"):
+        wait_healthy(f"{url}{prefix}")
     yield url
     serve.shutdown()
 
@@ -346,3 +371,98 @@ def test_unknown_labels_get_a_400_naming_them(server, phantom, query):
     assert r.status_code == 400 and r.json()["error"].startswith("labels: ")
     assert "choose among epidural, intraparenchymal" in r.json()["error"]
     assert _raw(server, "/v1/explain?labels=any", phantom[0].read_bytes()).status_code == 200
+
+
+def test_a_query_parameter_given_twice_is_a_400(server, phantom):
+    body = phantom[0].read_bytes()
+    r = _raw(server, "/v1/explain?labels=any&labels=subdural", body)
+    assert r.status_code == 400 and r.json()["error"].startswith("labels: given 2 times"), r.text
+    r = _parts(server, "/wide/v1/explain?parts=1&parts=2", [body], headers={})
+    assert r.status_code == 400 and r.json()["error"].startswith("parts: given 2 times"), r.text
+
+
+def _count(url: str, key: str) -> int:
+    return requests.get(f"{url}/v1/model", timeout=10).json()["batching"][key]
+
+
+def test_parts_explains_those_parts_among_all_the_others(server, phantom, wide):
+    """`?parts=3,1` on a 2.5D checkpoint: those two parts only (in part order, two backward passes), each explained as
+    a slice between its real neighbours from the whole request: the answer of explaining every part, not that of the
+    slice sent alone (its own copies as neighbours). Errors name the parameter."""
+    url = f"{server}/wide"
+    info = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert info["neighbors"] == 1 and info["limits"] == {"max_body_bytes": ServeConfig().max_body_bytes,
+                                                         "max_files": ServeConfig().max_files}
+    paths = [phantom[i] for i in (2, 0, 3, 1)]  # not in slice order
+    bodies = [p.read_bytes() for p in paths]
+    every = _parts(url, "/v1/explain", bodies, headers={}).json()["results"]
+    before = _count(url, "explain_images")
+    r = _parts(url, "/v1/explain?parts=3,1", bodies, headers={})
+    assert r.status_code == 200, r.text
+    some = r.json()["results"]
+    assert _count(url, "explain_images") - before == 2
+    assert [x["image_id"] for x in some] == [every[0]["image_id"], every[2]["image_id"]]
+    for got, want, path in zip(some, (every[0], every[2]), (paths[0], paths[2])):
+        np.testing.assert_allclose(_vector(got["probabilities"]), _vector(want["probabilities"]), rtol=0, atol=BATCHED_ATOL)
+        for label in LABELS:
+            assert np.abs(_png(got["heatmaps"][label]).astype(int) - _png(want["heatmaps"][label])).max() <= BATCHED_LEVELS
+        np.testing.assert_array_equal(np.stack([_png(w["png"]) for w in got["windows"]]), _image(path))
+        alone = _raw(url, "/v1/explain", path.read_bytes(), {"Content-Type": "application/dicom"}).json()
+        assert np.abs(_vector(alone["probabilities"]) - _vector(got["probabilities"])).max() > 10 * BATCHED_ATOL  # can fail
+
+    for query, error in [("parts=5", "parts: 5 past the request's 4 parts"), ("parts=0", "parts: '0' is not"),
+                         ("parts=1,x", "parts: 'x' is not"), ("parts=", "parts: '' is not")]:
+        r = _parts(url, f"/v1/explain?{query}", bodies, headers={})
+        assert r.status_code == 400 and r.json()["error"].startswith(error), (query, r.text)
+    r = _raw(url, "/v1/explain?parts=1", bodies[0], {"Content-Type": "application/dicom"})
+    assert r.status_code == 400 and r.json()["error"].startswith("parts: only for a multipart body")
+
+    # A sequence checkpoint: the part's slice with its series answer, from the whole request.
+    full = _parts(server, "/seq/v1/explain", bodies, headers={}).json()
+    one = _parts(server, "/seq/v1/explain?parts=2&labels=any", bodies, headers={}).json()
+    want = next(x for x in full["results"] if x["image_id"] == one["results"][0]["image_id"])
+    assert len(one["results"]) == 1 and one["results"][0]["image_id"] == str(pydicom.dcmread(paths[1]).SOPInstanceUID)
+    assert (one["results"][0]["series"], one["results"][0]["slice"]) == (want["series"], want["slice"])
+    np.testing.assert_allclose(_vector(one["results"][0]["probabilities"]), _vector(want["probabilities"]), atol=BATCHED_ATOL)
+    assert list(one["results"][0]["heatmaps"]) == ["any"] and one["series"] == full["series"]
+
+
+def _with_uid(path: Path, uid: str | None) -> bytes:
+    """The file's bytes with SOPInstanceUID set to `uid` (any text: hostile files hold what they like) or removed."""
+    import warnings
+
+    ds = pydicom.dcmread(path)
+    if uid is None:
+        del ds.SOPInstanceUID
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns that it is not a valid UID
+            ds.SOPInstanceUID = uid
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def test_2_5d_refuses_a_repeated_id_and_a_slice_without_one_keeps_its_own_neighbours(server, phantom, wide):
+    """A SOPInstanceUID twice in one request would put one slice in the other's stack: 400 naming it. A slice without
+    one stands in its own place, even beside a slice whose UID reads like a part number ("part 000001")."""
+    url = f"{server}/wide"
+    a, b, c, _ = _in_slice_order(phantom)
+    twice = _parts(url, "/v1/predict", [a.read_bytes(), b.read_bytes(), a.read_bytes()], headers={})
+    uid = str(pydicom.dcmread(a).SOPInstanceUID)
+    assert twice.status_code == 400 and twice.json()["error"] == \
+        f"part 3: image {uid} is also part 1; send each slice once per request", twice.text
+    assert _parts(url, "/v1/explain", [a.read_bytes(), a.read_bytes()], headers={}).status_code == 400
+
+    bodies = [_with_uid(a, None), _with_uid(b, "part 000001"), c.read_bytes()]
+    names = [f"DOE^JANE_MRN4711_{k}.dcm" for k in range(3)]
+    files = [("files", (name, body, "application/dicom")) for name, body in zip(names, bodies)]
+    r = requests.post(f"{url}/v1/predict", files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    got = np.stack([_vector(x["probabilities"]) for x in r.json()["results"]])
+    assert [x["image_id"] for x in r.json()["results"]] == ["", "part 000001", str(pydicom.dcmread(c).SOPInstanceUID)]
+    assert "MRN4711" not in r.text and "part:" not in r.text
+    with _replica_threads():
+        want = infer(wide[1], _stacks([_image(p) for p in (a, b, c)]), CPU)
+    np.testing.assert_allclose(got, want, rtol=0, atol=BATCHED_ATOL)
+    assert np.abs(want[0] - want[1]).max() > 10 * BATCHED_ATOL  # the check can fail: a's stack is not b's

@@ -199,11 +199,23 @@ def test_a_cache_cannot_feed_2_5d_input(tmp_path):
         rdata.image_dataset(_frame(), str(tmp_path), neighbors=1)
 
 
-def test_serve_stacks_slices_without_positions_in_part_order():
-    """Eleven parts of one series with no position and no SOPInstanceUID: neighbours are the parts before and
-    after (part 10 follows part 9, not part 1)."""
+def test_serve_stacks_slices_without_ids_by_position_and_leaves_those_without_a_place_alone():
+    """Eleven parts of one series without SOPInstanceUIDs, sent in reverse: each between the parts at the positions
+    next to its own. Without a position a slice has no place in its series (raysys.data.order_series) and stands
+    alone, itself repeated, as in training."""
     from raysys.serve import _stack_neighbors
 
-    decoded = [(np.full((3, 2, 2), k, np.uint8), "", "series", float("nan")) for k in range(11)]
-    stacks = _stack_neighbors(decoded, 1)
-    assert [tuple(int(v) for v in s[::3, 0, 0]) for s in stacks] == [(max(k - 1, 0), k, min(k + 1, 10)) for k in range(11)]
+    def middles(decoded):
+        return [tuple(int(v) for v in s[::3, 0, 0]) for s in _stack_neighbors(decoded, 1)]
+
+    placed = [(np.full((3, 2, 2), k, np.uint8), "", "series", float(k), float(k)) for k in range(11)][::-1]
+    assert middles(placed) == [(max(k - 1, 0), k, min(k + 1, 10)) for k in range(11)][::-1]
+    unplaced = [(np.full((3, 2, 2), k, np.uint8), "", "series", float("nan"), float("nan")) for k in range(11)]
+    assert middles(unplaced) == [(k, k, k) for k in range(11)]
+    # Part 5 has only an InstanceNumber (a count, no z) among slices placed in mm: alone, and not a neighbour; the
+    # mm slices see a gap where it would be (a step of 2 mm in a series of 1 mm steps).
+    mixed = [(image, uid, series, position, float("nan") if k == 5 else z)
+             for k, (image, uid, series, position, z) in enumerate(placed[::-1])]
+    expected = [(max(k - 1, 0), k, min(k + 1, 10)) for k in range(11)]
+    expected[4], expected[5], expected[6] = (3, 4, 4), (5, 5, 5), (6, 6, 7)
+    assert middles(mixed) == expected

@@ -192,12 +192,87 @@ def test_token_is_required_when_configured(server, phantom):
     assert requests.get(f"{server}/v1/model", timeout=10).status_code == 401
 
 
+def _partial_post(url: str, path: str, headers: dict, promised: int, sent: bytes, timeout: float = 10) -> bytes:
+    """POST over a raw socket whose Content-Length promises `promised` bytes of which only `sent` are written: the
+    answer (head and body), or socket.timeout when the server waits for the rest of the body."""
+    import re
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    head = [f"POST {path} HTTP/1.1", f"Host: {where.netloc}", f"Content-Length: {promised}",
+            *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as connection:
+        connection.sendall("\r\n".join(head).encode() + sent)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", answer.lower()).group(1)):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_the_gateway_refuses_a_request_without_the_token_before_reading_its_body(server, phantom):
+    """The 401 comes before the body is read: a body promised but never sent still gets it at once, where reading
+    first would wait for the bytes until the client gives up; the answer is the replica's own 401."""
+    start = time.perf_counter()
+    answer = _partial_post(server, "/v1/predict", {"Content-Type": "application/dicom"}, 10 * 1024 * 1024, b"DICM")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'{"error":"missing or wrong bearer token"}' in answer and b"www-authenticate: bearer" in answer.lower()
+    wrong = _partial_post(server, "/v1/explain", {"Content-Type": "multipart/form-data; boundary=x",
+                                                 "Authorization": "Bearer nope"}, 1024 * 1024, b"--x\r\n")
+    assert wrong.startswith(b"HTTP/1.1 401 "), wrong[:200]
+    assert time.perf_counter() - start < 5
+    # A real client writing its whole 20 MiB gets the 401 JSON too (the server discards the rest), not a reset.
+    r = _post(server, b"\0" * (20 * 1024 * 1024), {"Content-Type": "application/dicom"})
+    assert r.status_code == 401 and r.json() == {"error": "missing or wrong bearer token"}
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert _post(server, phantom[0].read_bytes()).status_code == 200  # with the token: read and answered
+
+
+def test_the_environment_token_is_stripped_and_a_blank_one_is_no_token(server, monkeypatch):
+    """RAYSYS_API_TOKEN="tok\\n" (as `$(cat file)` or an env file leaves it) is the token "tok" on a real Gateway (the
+    variable in its worker's environment); "  \\n" is no token, as "" is."""
+    import json
+
+    from ray import serve
+
+    from raysys.serve import Gateway, _env_token
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo:
+        async def forward(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+            answer = json.dumps({"bytes": len(body)}).encode()
+            return 200, [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())], answer
+
+    options = {**Gateway.ray_actor_options, "runtime_env": {"env_vars": {TOKEN_ENV: "tok\n"}}}
+    app = Gateway.options(ray_actor_options=options).bind(Echo.bind(), max_body_bytes=1024, require_token=True)
+    serve.run(app, name="envtoken", route_prefix="/envtoken")
+    try:
+        url = f"{server}/envtoken/v1/predict"
+        assert requests.post(url, data=b"abc", headers={"Authorization": "Bearer tok"}, timeout=30).json() == {"bytes": 3}
+        assert requests.post(url, data=b"abc", timeout=30).status_code == 401
+        # Within the route prefix: /v1/ needs the token, a public GET does not (and relays no body).
+        assert requests.get(f"{server}/envtoken/v1/model", timeout=30).status_code == 401
+        assert requests.get(f"{server}/envtoken/healthz", data=b"abc", timeout=30).json() == {"bytes": 0}
+    finally:
+        serve.delete("envtoken")
+    for blank in ("", "  \n", "\t"):
+        monkeypatch.setenv(TOKEN_ENV, blank)
+        assert _env_token() is None
+    monkeypatch.setenv(TOKEN_ENV, " tok\n")
+    assert _env_token() == "tok"
+
+
 def test_model_info_and_health(server):
     r = requests.get(f"{server}/v1/model", headers={"Authorization": "Bearer s3cret"}, timeout=10)
     assert r.status_code == 200
     info = r.json()
     assert info["labels"] == list(LABELS) and info["image_size"] == SIZE
     assert info["windows"] == "brain,subdural,soft_tissue"
+    assert info["neighbors"] == 0 and info["limits"] == {"max_body_bytes": LIMIT, "max_files": 8}
     assert requests.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
 
 

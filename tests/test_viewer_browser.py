@@ -9,6 +9,7 @@ matplotlib's turbo colormap.
 import base64
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -24,16 +25,20 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from raysys.config import ServeConfig
+from raysys.config import Config, DataConfig, ServeConfig
 from raysys.labels import LABELS
+from raysys.model import build_model, save_checkpoint
+from raysys.presets import dicom_to_image
 from raysys.serve import build_app
 from raysys.synthetic import DENSE_PREVALENCE, PhantomConfig, write_dataset
-from raysys.testing import free_port, untrained_checkpoints, wait_healthy
+from raysys.testing import free_port, settle_batchnorm, untrained_checkpoints, wait_healthy
 
-pytestmark = pytest.mark.slow  # two Serve deployments and a browser
+pytestmark = pytest.mark.slow  # three Serve deployments and a browser
 
 SIZE = 96
 SLICES = 6
+CNN_MAX_FILES = 4  # the CNN app's max_files: the page splits a series of SLICES files into two requests
+SEQUENCE_MAX_FILES = SLICES  # the sequence app's: a whole series fits, one more file does not
 TOKEN = "v1ewer-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WAIT_S = 60  # the longest any page state may take to appear
@@ -57,33 +62,50 @@ def phantom(tmp_path_factory):
     return paths
 
 
+def _wide_checkpoint(root: Path, phantom: list[Path]) -> Path:
+    """An untrained 2.5D InceptionV3 (one neighbour on each side), its BatchNorm statistics those of the phantom's
+    stacks (as untrained_checkpoints does for the CNN), saved as a checkpoint."""
+    import torch
+
+    torch.manual_seed(0)
+    images = [dicom_to_image(str(p), DataConfig().windows, SIZE)[0] for p in phantom]  # phantom: in slice order
+    stacks = np.stack([np.concatenate([images[max(k - 1, 0)], images[k], images[min(k + 1, SLICES - 1)]])
+                       for k in range(SLICES)])
+    model = settle_batchnorm(build_model(image_size=SIZE, neighbors=1, init=False), stacks)
+    config = Config().replace(**{"data.image_size": SIZE, "data.neighbors": 1}).to_dict()
+    return save_checkpoint(root / "wide", model, config=config, epoch=1, metrics={})
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, phantom):
-    """{"cnn": an untrained InceptionV3, "sequence": a random series GRU on top of it}.
+    """{"cnn": an untrained InceptionV3, "sequence": a random series GRU on top of it, "wide": an untrained 2.5D one}.
 
     The CNN's BatchNorm statistics are the phantom's (one train-mode pass): activations are then as moderate as a
     trained model's, so probabilities and heat maps are not all 0 or 1. The GRU's correction is random, not zero,
     so its answers differ from the CNN's."""
-    cnn, sequence = untrained_checkpoints(tmp_path_factory.mktemp("viewer-ck"), phantom, SIZE)
-    return {"cnn": cnn, "sequence": sequence}
+    root = tmp_path_factory.mktemp("viewer-ck")
+    cnn, sequence = untrained_checkpoints(root, phantom, SIZE)
+    return {"cnn": cnn, "sequence": sequence, "wide": _wide_checkpoint(root, phantom)}
 
 
 @pytest.fixture(scope="module")
 def servers(ray_session, checkpoints, tmp_path_factory):
-    """Both checkpoints served at once, their replicas starting side by side: the CNN at /, the sequence stage at
-    /seq; both need the bearer token (a token_file, as the replicas' node has no RAYSYS_API_TOKEN)."""
+    """The three checkpoints served at once, their replicas starting side by side: the CNN at / (at most
+    CNN_MAX_FILES files per request), the sequence stage at /seq (SEQUENCE_MAX_FILES), the 2.5D CNN at /wide; all
+    need the bearer token (a token_file, as the replicas' node has no RAYSYS_API_TOKEN)."""
     from ray import serve
 
     token_file = tmp_path_factory.mktemp("viewer-token") / "token"
     token_file.write_text(TOKEN + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Half a CPU each: both replicas fit beside whatever else the session's 2-CPU Ray still holds.
-    cfg = ServeConfig(cpus_per_replica=0.5, max_batch_size=8, max_files=16, token_file=str(token_file))
-    serve.run_many([serve.RunTarget(build_app(str(checkpoints["cnn"]), cfg), name="viewer", route_prefix="/"),
-                    serve.RunTarget(build_app(str(checkpoints["sequence"]), cfg), name="viewer-sequence",
-                                    route_prefix="/seq")])
-    urls = {"cnn": f"http://127.0.0.1:{port}", "sequence": f"http://127.0.0.1:{port}/seq"}
+    # Half a CPU each: the replicas fit beside whatever else the session's 2-CPU Ray still holds.
+    cfg = ServeConfig(cpus_per_replica=0.5, max_batch_size=8, token_file=str(token_file))
+    apps = {"cnn": ("viewer", "/", CNN_MAX_FILES), "sequence": ("viewer-sequence", "/seq", SEQUENCE_MAX_FILES),
+            "wide": ("viewer-wide", "/wide", 16)}
+    serve.run_many([serve.RunTarget(build_app(str(checkpoints[kind]), replace(cfg, max_files=most)), name=name,
+                                    route_prefix=prefix) for kind, (name, prefix, most) in apps.items()])
+    urls = {kind: f"http://127.0.0.1:{port}{prefix.rstrip('/')}" for kind, (_, prefix, _) in apps.items()}
     for url in urls.values():
         wait_healthy(url)
     yield urls
@@ -363,11 +385,10 @@ def test_series_strip_keyboard_and_lazy_cached_explain(server, browser, phantom,
     explained_before = requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()["batching"]["explain_images"]
     _choose(browser, phantom)
     _wait_ready(browser, 0)
-
-    files = [("files", (f"s{k}.dcm", p.read_bytes(), "application/dicom")) for k, p in enumerate(phantom)]
-    r = requests.post(f"{server}/v1/predict", files=files, headers=AUTH, timeout=60)
-    assert r.status_code == 200, r.text
-    results = r.json()["results"]  # a CNN checkpoint: in part order, the order the files were chosen in
+    # SLICES files, more than the server's CNN_MAX_FILES per request: the page sent them in two requests, as here.
+    assert "Sent in 2 requests" in browser.find_element(By.ID, "strip-caption").text
+    # A CNN checkpoint: in part order, the order the files were chosen in.
+    results = _predict_series(server, phantom[:CNN_MAX_FILES]) + _predict_series(server, phantom[CNN_MAX_FILES:])
     ids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in phantom]
     assert [x["image_id"] for x in results] == ids
 
@@ -464,3 +485,87 @@ def test_sequence_checkpoint_series_in_slice_order_whatever_the_files_order(serv
         shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#windows img")]
         assert shown == [f"data:image/png;base64,{w['png']}" for w in explained["windows"]]
     _screenshot(browser, tmp_path / "sequence-series.png")
+
+
+def _batching(url: str) -> dict:
+    return requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["batching"]
+
+
+def test_a_sequence_series_over_the_servers_limits_is_refused_before_sending(servers, browser, phantom, tmp_path):
+    """A sequence checkpoint must read a series in one request: one file more than max_files is named, not sent."""
+    url = servers["sequence"]
+    extra = tmp_path / f"{PATIENT_LIKE}_extra.dcm"
+    shutil.copyfile(phantom[0], extra)
+    _open(browser, url)
+    before = _batching(url)
+    _choose(browser, [*phantom, extra])
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, WAIT_S).until(lambda d: error.is_displayed(), "the limit's message")
+    assert f"{SLICES + 1} files, more than its {SEQUENCE_MAX_FILES} per request (serve max_files)" in error.text
+    assert "sequence checkpoint" in error.text and "nothing was sent" in error.text
+    assert _status(browser)["state"] == "error" and _batching(url) == before
+
+
+def _without_uid(path: Path, out: Path) -> Path:
+    ds = pydicom.dcmread(path)
+    del ds.SOPInstanceUID
+    ds.save_as(out)
+    return out
+
+
+def test_slices_without_a_sopinstanceuid_are_unmatched_not_shown_as_another(servers, browser, phantom, tmp_path):
+    """A sequence checkpoint answers in slice order, which the page matches to its files by image id: two files
+    without one cannot be told apart, so their slices show their bars and no image, and the status says so."""
+    url = servers["sequence"]
+    chosen = [_without_uid(p, tmp_path / f"{PATIENT_LIKE}_{k}.dcm") if k in (1, 4) else p for k, p in enumerate(phantom)]
+    _open(browser, url)
+    _choose(browser, [chosen[k] for k in (3, 0, 5, 1, 4, 2)])
+    status = _wait_ready(browser, 0)
+    assert "2 unmatched" in status["text"] and "2 hatched slices" in browser.find_element(By.ID, "strip-caption").text
+    results = _predict_series(url, chosen)
+    assert [x["image_id"] for x in results] == [_image_id(p) if k not in (1, 4) else "" for k, p in enumerate(phantom)]
+    cells = browser.find_elements(By.CSS_SELECTOR, "#strip .cell")
+    assert [c.get_attribute("data-unmatched") for c in cells] == [str(k in (1, 4)).lower() for k in range(SLICES)]
+
+    cells[1].click()
+    status = _wait(browser, lambda d: (s := _status(d))["state"] == "unmatched" and s["slice"] == "1" and s,
+                   "slice 1 to be shown as unmatched")
+    assert "no SOPInstanceUID" in status["text"]
+    assert browser.find_elements(By.CSS_SELECTOR, "#windows img") == []
+    assert browser.find_element(By.ID, "heatmap").get_attribute("data-subtype") == ""
+    assert {label: float(b["probability"]) for label, b in _bars(browser).items()} == results[1]["probabilities"]
+
+    cells[2].click()  # a matched slice still shows its own file's windows
+    _wait_ready(browser, 2)
+    shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#windows img")]
+    assert shown == [f"data:image/png;base64,{w['png']}" for w in _explain(url, phantom[2])["windows"]]
+
+
+def test_a_2_5d_slice_is_explained_between_its_neighbours(servers, browser, phantom):
+    """For a 2.5D checkpoint the page sends the whole upload with `parts` naming the slice: its heat map is the one
+    of the slice between its neighbours (as its bars), not of the slice alone (itself three times), and the server
+    explains that one part only."""
+    url = servers["wide"]
+    chosen = [phantom[k] for k in (2, 0, 4, 1, 5, 3)]  # not in slice order: the server orders them
+    _open(browser, url)
+    assert requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["neighbors"] == 1
+    before = _batching(url)["explain_images"]
+    _choose(browser, chosen)
+    _wait_ready(browser, 0)
+    k = 3  # phantom[1]: its neighbours phantom[0] and phantom[2] are in the upload
+    browser.find_elements(By.CSS_SELECTOR, "#strip .cell")[k].click()
+    status = _wait_ready(browser, k)
+    assert _batching(url)["explain_images"] - before == 2  # slices 0 and k, one part each
+
+    files = [("files", (f"s{i}.dcm", p.read_bytes(), "application/dicom")) for i, p in enumerate(chosen)]
+    together = requests.post(f"{url}/v1/explain", files=files, headers=AUTH, timeout=60).json()["results"][k]
+    alone = _explain(url, chosen[k])
+    assert status["imageId"] == together["image_id"] == alone["image_id"] == _image_id(phantom[1])
+    assert {label: float(b["probability"]) for label, b in _bars(browser).items()} == \
+        _predict_series(url, chosen)[k]["probabilities"]
+    browser.find_element(By.ID, "opacity").send_keys(Keys.END)  # the heat map alone
+    window = together["windows"][0]["name"]
+    canvas = _drawn(browser, "any", window, 1.0)
+    _assert_canvas_matches(canvas, _expected_canvas(together, "any", window, 1.0, canvas.shape[0]), "among neighbours")
+    wrong = np.abs(canvas[..., :3].astype(np.float32) - _expected_canvas(alone, "any", window, 1.0, canvas.shape[0]))
+    assert wrong.mean() > 5, wrong.mean()  # the check can fail: the slice alone has another heat map

@@ -5,17 +5,26 @@
 //
 //   one file      POST v1/explain?labels=SUBTYPE (raw body)  -> windows, probabilities, the subtype's heat map
 //   several files POST v1/predict (multipart, one request: a sequence checkpoint reads them as series)
-//                 -> per-slice probabilities in slice order; v1/explain for the selected slice, lazily, cached
+//                 -> per-slice probabilities in slice order; v1/explain for the selected slice, lazily, cached:
+//                 the slice's file alone, or for a 2.5D checkpoint (GET v1/model `neighbors` > 0) every file of
+//                 the upload with `parts=K` naming the slice's, so that the server stacks it between the same
+//                 neighbours as predict did (the page cannot tell which files those are: it reads no header)
 //   each heat map costs the server a backward pass, so the page asks only for the subtype it shows, and asks
 //   again (cached per slice and subtype) when another is chosen
+//   limits        the server's max_files and max_body_bytes (GET v1/model `limits`) are checked before sending:
+//                 a plain CNN checkpoint's series goes in as many requests as they need; a sequence or 2.5D one
+//                 needs the series in one request, so the page says which limit it is over and sends nothing
 //   a 401         the token form appears; the token is kept in sessionStorage and the request is sent again
+//   unmatched     a sequence checkpoint answers in slice order, matched to the files by image id: a slice whose
+//                 id is empty or shared by several files cannot be matched, and shows its bars but no image
 //
 // Stable hooks (tests and scripts):
-//   #status[data-state = idle | loading | auth | error | ready][data-slice][data-image-id]
+//   #status[data-state = idle | loading | auth | error | ready | unmatched][data-slice][data-image-id]
 //   #bars .bar[data-label][data-probability (the API's number)][data-threshold][data-above = true | false]
 //     [data-cnn-probability (a sequence checkpoint's CNN alone; empty for a CNN checkpoint)]
 //   #heatmap (canvas; data-subtype, data-window, data-opacity of the last drawing), #subtype, #base-window, #opacity
-//   #strip .cell[data-slice][data-probability][data-image-id][aria-selected], #slice-label[data-slice][data-image-id]
+//   #strip .cell[data-slice][data-probability][data-image-id][data-unmatched = true | false][aria-selected]
+//   #strip-caption (the number of requests a series took, the unmatched slices), #slice-label[data-slice][data-image-id]
 //   #windows figure[data-window] img, #token-form[data-waiting = model | upload | slice], #token, #error, #files, #drop
 "use strict";
 
@@ -23,7 +32,8 @@ const TOKEN_KEY = "raysys.token"; // sessionStorage: gone when the tab closes
 const STRIP_LABEL = "any"; // the strip's per-slice colour
 const DEFAULT_THRESHOLD = 0.5;
 const DEFAULT_SUBTYPE = "any";
-const ID_LOOKUPS = 4; // concurrent requests when a file's image id must be asked for (see filesInOrder)
+const ID_LOOKUPS = 4; // concurrent requests when a file's image id must be asked for (see partsInOrder)
+const PART_BYTES = 512; // what a multipart part adds to its file (boundary and headers; ~200 bytes in Chromium)
 // Relative paths: the page works under any route prefix the app is served at.
 const API = { model: "v1/model", predict: "v1/predict", explain: "v1/explain" };
 
@@ -31,7 +41,9 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   model: null, // the /v1/model answer
-  slices: [], // in slice order: {imageId, series, slice, probabilities, cnnProbabilities, file}
+  files: [], // the upload's files, in the order chosen: the parts of a whole-series request
+  slices: [], // in slice order: {imageId, series, slice, probabilities, cnnProbabilities, part (in files; null: unmatched)}
+  requests: 0, // the predict requests the upload took (over 1 where the server's limits split a series)
   selected: -1,
   explained: new Map(), // "slice:subtype" -> Promise of that slice's /v1/explain answer with that heat map
   drawings: new WeakMap(), // explain answer -> Map(key -> Promise of a drawable: window bitmap or coloured heat map)
@@ -124,6 +136,7 @@ async function upload(chosen) {
   if (!files.length) throw new ApiError(0, "No files were chosen.");
   const mine = (state.upload = Symbol("upload"));
   state.selection = null;
+  state.files = [];
   state.slices = [];
   state.selected = -1;
   state.explained = new Map();
@@ -132,48 +145,105 @@ async function upload(chosen) {
   $("series").hidden = true;
   $("viewer").hidden = true;
   setStatus("loading", files.length === 1 ? "Explaining the slice…" : `Scoring ${files.length} slices…`);
-  await ensureModel();
+  const model = await ensureModel();
+  const batches = requestsFor(files, model); // before anything is sent: a limit is named, not met with a bare 413
   let slices;
   let explained = null;
   const subtype = $("subtype").value; // the heat map asked for with a single file's upload
   if (files.length === 1) {
     explained = postDicom(explainPath(subtype), files[0]);
     const answer = await explained;
-    slices = [sliceOf(answer, files[0])];
+    slices = [sliceOf(answer, 0)];
   } else {
-    const answer = await postFiles(API.predict, files);
-    const inOrder = await filesInOrder(answer.results, files);
-    slices = answer.results.map((result, i) => sliceOf(result, inOrder[i]));
+    const results = [];
+    for (const [i, batch] of batches.entries()) {
+      if (batches.length > 1) setStatus("loading", `Scoring ${files.length} slices: request ${i + 1} of ${batches.length}…`);
+      results.push(...(await postFiles(API.predict, batch)).results);
+    }
+    const parts = await partsInOrder(results, files);
+    slices = results.map((result, i) => sliceOf(result, parts[i]));
   }
   if (state.upload !== mine) return;
+  state.files = files;
+  state.requests = batches.length;
   state.slices = slices;
   if (explained) state.explained.set(`0:${subtype}`, explained);
   renderStrip();
   await select(0);
 }
 
-function sliceOf(result, file) {
+function sliceOf(result, part) {
   return {
     imageId: result.image_id,
     series: Number.isInteger(result.series) ? result.series : null,
     slice: Number.isInteger(result.slice) ? result.slice : null,
     probabilities: result.probabilities,
     cnnProbabilities: result.cnn_probabilities || null,
-    file,
+    part,
   };
 }
 
-// The file of each result. A CNN checkpoint answers in part order. A sequence checkpoint answers in slice order
-// (from the DICOM positions, which this page does not read), so each file's image id is asked of the API.
-async function filesInOrder(results, files) {
+// A sequence stage reads a series in one request, and so does a 2.5D checkpoint (a slice's neighbours come from
+// its request): such a series cannot be split to fit the server's limits.
+function needsWholeSeries(model) {
+  return model.stage === "sequence" || model.neighbors > 0;
+}
+
+function mib(bytes) {
+  return `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
+// The files in requests of at most the server's max_files files and max_body_bytes bytes (GET v1/model `limits`),
+// in their order: one request where they fit; several for a plain CNN checkpoint, which scores each slice alone.
+// Throws, naming the limit and sending nothing, where a file alone is over it or the checkpoint needs one request.
+function requestsFor(files, model) {
+  const limits = model.limits || {};
+  const most = limits.max_files ?? Infinity;
+  const bytes = limits.max_body_bytes ?? Infinity;
+  const sizeOf = (file) => (files.length === 1 ? file.size : file.size + PART_BYTES); // one file: a raw body
+  const big = files.find((file) => sizeOf(file) > bytes);
+  if (big) {
+    throw new ApiError(0, `A chosen file is ${mib(big.size)}, over the server's limit of ${mib(bytes)} per request ` +
+      "(serve max_body_bytes): nothing was sent.");
+  }
+  const total = files.reduce((sum, file) => sum + sizeOf(file), 0);
+  if (files.length <= most && total <= bytes) return [files];
+  if (needsWholeSeries(model)) {
+    const over = [files.length > most ? `${files.length} files, more than its ${most} per request (serve max_files)` : "",
+      total > bytes ? `${mib(total)}, more than its ${mib(bytes)} per request (serve max_body_bytes)` : ""];
+    const why = model.stage === "sequence" ? "a sequence checkpoint" : `a 2.5D checkpoint (${model.neighbors} neighbours)`;
+    throw new ApiError(0, `These files are over the server's limits: ${over.filter(Boolean).join(", and ")}. ` +
+      `This is ${why}, which must read a series in one request, so nothing was sent: choose fewer files ` +
+      "(one series at a time), or ask for higher limits.");
+  }
+  const batches = [[]];
+  let used = 0;
+  for (const file of files) {
+    const last = batches[batches.length - 1];
+    if (last.length && (last.length >= most || used + sizeOf(file) > bytes)) {
+      batches.push([]);
+      used = 0;
+    }
+    batches[batches.length - 1].push(file);
+    used += sizeOf(file);
+  }
+  return batches;
+}
+
+// The part (index in `files`) of each result, null where it cannot be told. A CNN checkpoint answers in part
+// order. A sequence checkpoint answers in slice order (from the DICOM positions, which this page does not read),
+// so each file's image id is asked of the API; a slice whose id is empty or shared by several files is unmatched
+// (null): showing it any one of those files' images would show the wrong slice.
+async function partsInOrder(results, files) {
   if (results.length !== files.length) {
     throw new ApiError(0, `the server answered ${results.length} results for ${files.length} files`);
   }
-  if (state.model.stage !== "sequence") return files;
+  if (state.model.stage !== "sequence") return files.map((_, i) => i);
   setStatus("loading", `Matching ${files.length} files to their slices…`);
   const ids = await mapLimited(files, ID_LOOKUPS, async (file) => (await postDicom(API.predict, file)).image_id);
-  const byId = new Map(ids.map((id, i) => [id, files[i]]));
-  return results.map((r) => byId.get(r.image_id) || null);
+  const count = new Map();
+  ids.forEach((id) => count.set(id, (count.get(id) || 0) + 1));
+  return results.map((r) => (r.image_id && count.get(r.image_id) === 1 ? ids.indexOf(r.image_id) : null));
 }
 
 async function mapLimited(items, limit, fn) {
@@ -193,13 +263,20 @@ function explainPath(subtype) {
   return `${API.explain}?labels=${encodeURIComponent(subtype)}`;
 }
 
+// Slice k's /v1/explain answer. A 2.5D checkpoint stacks a slice between its neighbours from the same request, so
+// the whole upload goes again with the slice named by `parts` (the server explains that part only); a three-channel
+// checkpoint needs the slice's file alone.
 function explainSlice(k, subtype) {
   const key = `${k}:${subtype}`;
   let promise = state.explained.get(key);
   if (!promise) {
-    const file = state.slices[k].file;
-    if (!file) return Promise.reject(new ApiError(0, `cannot tell which of the chosen files is slice ${k + 1}`));
-    promise = postDicom(explainPath(subtype), file);
+    const part = state.slices[k].part;
+    if (part === null) return Promise.reject(new ApiError(0, `cannot tell which of the chosen files is slice ${k + 1}`));
+    if (state.model.neighbors > 0 && state.files.length > 1) {
+      promise = postFiles(`${explainPath(subtype)}&parts=${part + 1}`, state.files).then((answer) => answer.results[0]);
+    } else {
+      promise = postDicom(explainPath(subtype), state.files[part]);
+    }
     state.explained.set(key, promise);
     promise.catch(() => state.explained.get(key) === promise && state.explained.delete(key)); // a failure is not cached
   }
@@ -216,8 +293,12 @@ async function select(k) {
   markStrip(k);
   showSliceLabel(k, s);
   renderBars(s);
-  setStatus("loading", `Explaining slice ${k + 1}…`);
   const viewer = $("viewer");
+  if (s.part === null) {
+    showUnmatched(k, s);
+    return;
+  }
+  setStatus("loading", `Explaining slice ${k + 1}…`);
   viewer.hidden = false;
   viewer.classList.add("waiting"); // the canvas still shows the previous slice
   let answer;
@@ -235,7 +316,31 @@ async function select(k) {
   $("explain-method").textContent = answer.explain ? `${answer.explain.method} at ${answer.explain.layer}` : "";
   await drawHeatmap();
   if (state.selection !== mine) return;
-  setStatus("ready", `Slice ${k + 1} of ${state.slices.length} ready`, { slice: k, imageId: s.imageId });
+  setStatus("ready", readyText(k), { slice: k, imageId: s.imageId });
+}
+
+function unmatchedCount() {
+  return state.slices.filter((s) => s.part === null).length;
+}
+
+function readyText(k) {
+  const n = unmatchedCount();
+  return `Slice ${k + 1} of ${state.slices.length} ready${n ? ` · ${n} unmatched, shown without an image` : ""}`;
+}
+
+// A slice whose file cannot be told (see partsInOrder): its bars, which are the server's for it, and no image.
+function showUnmatched(k, s) {
+  state.current = null;
+  $("viewer").hidden = false;
+  $("viewer").classList.remove("waiting");
+  $("windows").replaceChildren();
+  $("explain-method").textContent = "";
+  const canvas = $("heatmap");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  Object.assign(canvas.dataset, { subtype: "", window: "", opacity: "" });
+  const why = s.imageId ? "several chosen files have its SOPInstanceUID" : "it has no SOPInstanceUID";
+  setStatus("unmatched", `Slice ${k + 1} of ${state.slices.length} unmatched: no image, as ${why}`,
+    { slice: k, imageId: s.imageId });
 }
 
 // Another subtype chosen: its heat map of the slice on screen, asked for now unless the page has it.
@@ -260,7 +365,7 @@ async function showSubtype() {
   Object.assign(answer.heatmaps, more.heatmaps); // the slice's answer keeps every map fetched for it
   await drawHeatmap();
   if (state.selection !== mine) return;
-  setStatus("ready", `Slice ${k + 1} of ${state.slices.length} ready`, { slice: k, imageId: state.slices[k].imageId });
+  setStatus("ready", readyText(k), { slice: k, imageId: state.slices[k].imageId });
 }
 
 function step(delta) {
@@ -396,19 +501,26 @@ function renderStrip() {
   const series = new Set(state.slices.map((s) => s.series));
   state.slices.forEach((s, k) => {
     const p = s.probabilities[STRIP_LABEL];
-    const cell = element("button", "cell", { slice: String(k), probability: String(p), imageId: s.imageId });
+    const unmatched = s.part === null;
+    const cell = element("button", "cell", { slice: String(k), probability: String(p), imageId: s.imageId,
+      unmatched: String(unmatched) });
     cell.type = "button";
     cell.setAttribute("role", "option");
-    cell.title = `slice ${k + 1}: ${STRIP_LABEL} ${p.toFixed(3)}`;
-    cell.style.background = stripColour(p);
+    cell.title = `slice ${k + 1}: ${STRIP_LABEL} ${p.toFixed(3)}${unmatched ? " (no file matched: no image)" : ""}`;
+    cell.classList.toggle("unmatched", unmatched);
+    cell.style.backgroundColor = stripColour(p); // the colour only: an unmatched cell keeps its hatching
     if (k > 0 && s.series !== state.slices[k - 1].series) cell.classList.add("series-start");
     cell.addEventListener("click", () => run(() => select(k), "slice"));
     strip.append(cell);
   });
   const order = state.model.stage === "sequence" ? "in slice order" : "in the order chosen (a CNN checkpoint does not sort)";
   const groups = series.size > 1 && !series.has(null) ? ` in ${series.size} series` : "";
+  const split = state.requests > 1 ? ` Sent in ${state.requests} requests (the server's limits per request).` : "";
+  const missing = unmatchedCount();
+  const unmatched = missing ? ` ${missing} hatched slices could not be matched to a file (no SOPInstanceUID, or one ` +
+    "that several files share): they show no image." : "";
   $("strip-caption").textContent =
-    `${n} slices${groups}, ${order}; colour: P(${STRIP_LABEL}). Arrow keys or a click move through them.`;
+    `${n} slices${groups}, ${order}; colour: P(${STRIP_LABEL}). Arrow keys or a click move through them.${split}${unmatched}`;
 }
 
 function markStrip(k) {
