@@ -114,10 +114,11 @@ def check_relaunch(cfg: Config, keys: tuple[str, ...] = FIXED_ON_RESUME) -> None
     path = storage.join(run_dir, CONFIG_FILE)
     if not storage.is_file(path) or not any(f.startswith("checkpoint_") for f in storage.folder_files(run_dir)):
         return
-    before = from_dict(yaml.safe_load(storage.read_text(path))).to_dict()
+    before = yaml.safe_load(storage.read_text(path)) or {}  # as written: an older version's keys need not load
     now = cfg.to_dict()
     changed = [f"{key} {before[section][name]!r} -> {now[section][name]!r}" for key in keys
-               for section, name in [key.split(".")] if before[section][name] != now[section][name]]
+               for section, name in [key.split(".")]
+               if name in before.get(section, {}) and before[section][name] != now[section][name]]
     if changed:
         raise InputError(f"{run_dir}: a run of this name exists and a relaunch resumes it, but this launch changes its "
                          f"recipe ({'; '.join(changed)}); its checkpoint would keep the old one. Give a new --name "
