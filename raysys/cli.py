@@ -149,7 +149,7 @@ def _require(cfg, command: str, *keys: str) -> None:
     flags = {"data.data": "--data (a folder or URI of .dcm files, or a prepared cache)",
              "data.labels": "--labels (the RSNA ID,Label CSV)",
              "sequence.cnn": "--checkpoint (the trained CNN checkpoint)"}
-    missing = [flags[key] for key in keys if not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])]
+    missing = [flags[key] for key in keys for section, name in [key.split(".")] if not getattr(getattr(cfg, section), name)]
     if missing:
         raise InputError(f"raysys {command}: missing {' and '.join(missing)}")
 

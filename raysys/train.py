@@ -102,7 +102,8 @@ def load_split(cfg: Config, run_dir: str | None = None) -> Split:
 
 # What a relaunch under the same name (it resumes the run) cannot change: the split, which must stay the one the
 # restored model was validated on, the model's input, and the optimizer's recipe, which the checkpoint restores.
-SPLIT_KEYS = ("data.seed", "data.val_fraction", "data.folds", "data.fold")
+SPLIT_FIELDS = ("val_fraction", "folds", "fold", "seed")  # the data fields that decide which patients validate
+SPLIT_KEYS = tuple(f"data.{name}" for name in SPLIT_FIELDS)
 FIXED_ON_RESUME = (*SPLIT_KEYS, "data.windows", "data.image_size", "data.neighbors", "model.aux_logits", "train.lr",
                    "train.decay")
 

@@ -46,6 +46,7 @@ from raysys.sequence import (
 from raysys.tracking import EpochLog, finish_mlflow, log_epoch, mlflow_run, worker_mlflow
 from raysys.train import (
     SCORE,
+    SPLIT_FIELDS,
     SPLIT_KEYS,
     FitResult,
     Split,
@@ -73,7 +74,6 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's cont
 # stage on 2 CPU cores). The sequence stage's controller polls every POLL_S instead (Ray passes the variable from the
 # environment of the process that starts the controller; a value the user set is kept).
 POLL_S = 0.2
-SPLIT_KEYS = ("val_fraction", "folds", "fold", "seed")  # what decides which patients validate
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _shares(items: list[dict], features: bool, workers: int) -> list[ray.ObjectR
 def _warn_if_split_differs(cfg: Config, cnn: str) -> None:
     """The stage validates on the CNN's validation patients only when both runs split alike."""
     cnn_data = (read_meta_config(cnn) or {}).get("data", {})
-    differs = [k for k in SPLIT_KEYS if k in cnn_data and cnn_data[k] != getattr(cfg.data, k)]
+    differs = [k for k in SPLIT_FIELDS if k in cnn_data and cnn_data[k] != getattr(cfg.data, k)]
     if differs:
         log.warning("the CNN was trained with a different split (%s): some validation series of the sequence stage "
                     "hold slices the CNN trained on, so its validation score is optimistic",
