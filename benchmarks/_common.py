@@ -83,8 +83,9 @@ def add_ray_flags(parser, address_help: str = "join this Ray cluster instead of 
 def init_ray(address: str | None, num_cpus: int, dashboard: bool = False) -> int:
     """Start a private local Ray with `num_cpus` (never attach to another one by accident), or join `address`.
 
-    Ray Train needs the dashboard (its state API cleans up a finished run's placement group). Returns the
-    cluster's CPU count.
+    Ray Train wants the dashboard (its state API cleans up a finished run's placement group): with `dashboard`
+    Ray starts it where its packages (ray[default]) are installed, and runs without it where they are not (the
+    GPU machines' bundle). Returns the cluster's CPU count.
     """
     import ray
 
@@ -93,7 +94,7 @@ def init_ray(address: str | None, num_cpus: int, dashboard: bool = False) -> int
     if address:
         runtime.init_ray(address)
     else:
-        runtime.init_ray("local", num_cpus=num_cpus, include_dashboard=dashboard)
+        runtime.init_ray("local", num_cpus=num_cpus, include_dashboard=None if dashboard else False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines go to stderr
     return int(ray.cluster_resources().get("CPU", 0))
 

@@ -15,7 +15,7 @@ Without --data a phantom (--studies, 512 px) is written and, unless --no-cache, 
 (prepare_s). GPUs are used when present: one per worker. Prints one JSON line to stdout, progress to stderr.
 
     .venv/bin/python benchmarks/train_e2e.py [--data DIR --labels CSV] [--studies 20] [--image-size 256]
-        [--batch-size 64] [--epochs 3] [--workers 1] [--augment-on data|device] [--compile MODE] [--no-cache]
+        [--batch-size 64] [--epochs 3] [--workers 1] [--augment-on data|device] [--neg-ratio 1.0] [--compile MODE] [--no-cache]
         [--num-cpus N | --address ADDR] [--out result.json]
 """
 
@@ -55,7 +55,7 @@ def standalone_rate(cfg, device_name: str, threads: int) -> float:
              "label": (torch.rand(t.batch_size, len(LABELS), generator=g) < 0.3).float().to(device),
              "aug_seed": torch.arange(t.batch_size)}
     augment = DeviceAugment(cfg.augment, size, device) if cfg.augment.on == "device" else None
-    kwargs = {"amp": use_amp(t.amp, device), "augment": augment}
+    kwargs = {"amp": use_amp(t.amp, device, t.batch_size), "augment": augment}
     train_one_epoch(step_model, [batch] * WARMUP_STEPS, optimizer, WeightedBCE().to(device), device, **kwargs)
     stats = train_one_epoch(step_model, [batch] * STANDALONE_STEPS, optimizer, WeightedBCE().to(device), device,
                             **kwargs)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     parser.add_argument("--augment-on", choices=["data", "device"], default="data")
+    parser.add_argument("--neg-ratio", type=float, default=1.0, help="negatives per positive each epoch (the "
+                        "recipe's 1.0 trains on a balanced subset; a large value trains on every image)")
     parser.add_argument("--amp", default="auto", help="training step precision: auto, bf16 or off")
     parser.add_argument("--compile", default="off", help="torch.compile the step (both sides): off, default, "
                         "reduce-overhead (CUDA graphs), max-autotune or aot_eager")
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = Config().replace(**{
             "data.data": str(data), "data.labels": str(labels), "data.image_size": args.image_size,
             "model.weights": "none", "augment.on": args.augment_on,
+            "data.neg_ratio": args.neg_ratio,
             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.workers": args.workers,
             "train.cpus_per_worker": args.cpus_per_worker, "train.gpus_per_worker": 1.0 if gpus else 0.0,
             "train.amp": args.amp, "train.compile": args.compile, "train.storage_path": str(tmp / "runs"), "train.name": "e2e",
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     e2e = float(later["train_images_per_s"].mean()) if len(later) else None
     out = {
         "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "cluster_cpus": cores,
-        "source": "dicom" if args.no_cache else "cache", "prepare_s": prepare_s, "augment_on": args.augment_on,
+        "source": "dicom" if args.no_cache else "cache", "prepare_s": prepare_s, "neg_ratio": args.neg_ratio,
+        "augment_on": args.augment_on,
         "amp": args.amp, "compile": args.compile, "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "torch_threads": threads,  # a worker's, and the standalone step's
         "images_per_epoch": int(history["train_images"].iloc[-1]),
