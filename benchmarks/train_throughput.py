@@ -47,7 +47,8 @@ def images_per_s(mode: str, batch_size: int, args, device: torch.device) -> tupl
     """Build a fresh model for `mode`, time its first step, warm up, then time args.steps training steps; the same
     for inference passes. (training, inference) images per second, then (first step, first inference) seconds."""
     torch.manual_seed(0)
-    amp = mode == "bf16_cl" or (mode == "compile" and use_amp("auto", device))  # compile: raysys' own precision
+    # compile: raysys' own training precision at this batch (its inference passes too, for a like-for-like pair)
+    amp = mode == "bf16_cl" or (mode == "compile" and use_amp("auto", device, batch_size))
     fmt = torch.contiguous_format if mode == "fp32" else torch.channels_last
     model = build_model(image_size=args.image_size).to(device, memory_format=fmt).train()
     forward = compile_step(model, args.compile_mode) if mode == "compile" else model
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             if mode in modes and rate[("fp32", bs)] and rate[(mode, bs)]:
                 result[f"{key}_at_{bs}"] = round(rate[(mode, bs)] / rate[("fp32", bs)], 2)
                 result[f"inference_{key}_at_{bs}"] = round(served[(mode, bs)] / served[("fp32", bs)], 2)
-        eager = "bf16_cl" if use_amp("auto", device) else "fp32_cl"  # the compiled step's precision, uncompiled
+        eager = "bf16_cl" if use_amp("auto", device, bs) else "fp32_cl"  # the compiled step's precision, uncompiled
         if "compile" in modes and rate[(eager, bs)] and rate[("compile", bs)]:
             result[f"compile_vs_eager_at_{bs}"] = round(rate[("compile", bs)] / rate[(eager, bs)], 2)
             result[f"inference_compile_vs_eager_at_{bs}"] = round(served[("compile", bs)] / served[(eager, bs)], 2)

@@ -45,7 +45,7 @@ RECIPE_FLAGS = {
     "--storage-path": ("train.storage_path", str, "local folder or s3:// URI; the run is <storage-path>/<name>"),
     "--name": ("train.name", str, "run name; the same name resumes"),
     "--max-failures": ("train.max_failures", int, "worker-group restarts"),
-    "--amp": ("train.amp", str, "training step precision: auto, bf16 or off"),
+    "--amp": ("train.amp", str, "training step precision: auto (bf16 on CUDA from batch 256), bf16 or off"),
     "--compile": ("train.compile", str, "torch.compile the training step: off, default, reduce-overhead (CUDA "
                   "graphs), max-autotune, or aot_eager (traces without generating code: a quick check)"),
     "--max-steps-per-epoch": ("train.max_steps_per_epoch", int, "cap steps per epoch (smoke tests)"),

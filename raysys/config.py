@@ -123,7 +123,7 @@ class TrainConfig:
     name: str = "raysys"  # a relaunch with the same name resumes from its latest checkpoint
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     keep_checkpoints: int = 2  # best k by validation weighted log loss
-    amp: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16" forces it; "off"
+    amp: str = "auto"  # "auto": bf16 autocast on CUDA from engine.BF16_MIN_BATCH per worker; "bf16" forces it; "off"
     compile: str = "off"  # torch.compile the training step (COMPILE_MODES); off: measured slower on CPUs (README)
     max_steps_per_epoch: int = 0  # 0 = a full pass; > 0 caps steps (smoke tests)
     mlflow_uri: str = ""  # MLflow tracking URI (http://..., sqlite:///..., a folder): params, epochs, best checkpoint

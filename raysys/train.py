@@ -229,7 +229,7 @@ def train_loop(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.decay)  # lr x decay^epoch
     start, history = _resume(model, optimizer, scheduler)
     first = start  # where this attempt of the worker group began (> 1 after a resume)
-    amp, loss_fn = use_amp(t.amp, device), WeightedBCE().to(device)  # the training step's precision only
+    amp, loss_fn = use_amp(t.amp, device, t.batch_size), WeightedBCE().to(device)  # the training step's precision only
     augment = DeviceAugment(cfg.augment, cfg.data.image_size, device) if cfg.augment.on == "device" else None
     tag = f"[train {t.name}]"
     if rank == 0 and start > 1:

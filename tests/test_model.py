@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raysys.data import balance, balance_logit_offset
-from raysys.engine import WeightedBCE, train_one_epoch, validate
+from raysys.engine import BF16_MIN_BATCH, WeightedBCE, train_one_epoch, use_amp, validate
 from raysys.labels import LABELS
 from raysys.metrics import weighted_log_loss
 from raysys.model import build_model, load_checkpoint, save_checkpoint, unbalance
@@ -171,3 +171,13 @@ def test_device_augmentation_runs_inside_the_training_step():
     stats = train_one_epoch(model, batches, torch.optim.Adam(model.parameters()), WeightedBCE(), torch.device("cpu"),
                             augment=augment)
     assert seen == [[0, 1, 2, 3], [10, 11, 12, 13]] and stats["train_images"] == 8
+
+
+def test_auto_precision_trains_in_bf16_only_at_the_batches_where_an_h200_measured_it_faster():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert BF16_MIN_BATCH > 64  # fp32 (TF32) + channels_last trained faster at the recipe's 24 and at 64
+    assert not use_amp("auto", cuda, 24) and not use_amp("auto", cuda, 64)
+    assert use_amp("auto", cuda, 256) and use_amp("auto", cuda)  # a large training batch; inference (no batch)
+    assert not use_amp("auto", cpu, 256) and not use_amp("auto", cpu)
+    assert use_amp("bf16", cpu, 24) and not use_amp("off", cuda, 256)
+
