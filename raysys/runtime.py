@@ -18,6 +18,16 @@ from contextlib import contextmanager
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Ray's lines that say nothing about the run, dropped from a driver's output:
+# - the raylet's "N PYTHON worker processes have been started ... which is Kx the maximum expected startup
+#   concurrency", which comes again at every two more workers (fractional CPUs start many, by design on small
+#   machines): its first, at 4x, stays;
+# - "Actor ... has constructor arguments in the object store and max_restarts > 0", from Train's and Ray Data's
+#   own actors, once per trial;
+# - Serve's "ServeController.graceful_shutdown failed ... will be retried" as Serve shuts down.
+RAY_NOISE = (r"which is (?:[5-9]|\d{2,})x the maximum expected startup concurrency"
+             r"|has constructor arguments in the object store and max_restarts > 0"
+             r"|ServeController\.graceful_shutdown failed")
 
 
 @contextmanager
@@ -47,9 +57,12 @@ def process_env() -> dict[str, str]:
         # Tune's new output engine prints its experiment box and status tables even at verbose=0; with the
         # classic engine verbose=0 is silent, and raysys.tune.TrialLog writes one line per trial event.
         "RAY_AIR_NEW_OUTPUT": "0",
-        # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": the epoch lines
-        # of two trials would hide each other.
-        "RAY_DEDUP_LOGS": "0",
+        # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]", so the epoch lines
+        # of two trials would hide each other. Every line but RAY_NOISE matches the allow pattern, which Ray
+        # prints as it comes, never folded; RAY_NOISE lines it drops.
+        "RAY_DEDUP_LOGS": "1",
+        "RAY_DEDUP_LOGS_ALLOW_REGEX": f"^(?!.*(?:{RAY_NOISE}))",
+        "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_NOISE,
     }
     if not interactive():
         env["RAY_TQDM"] = "0"  # no bars redrawn with \r and cursor-up codes: Ray Data logs progress at INFO instead

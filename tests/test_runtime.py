@@ -4,6 +4,9 @@ import os
 import time
 
 import numpy as np
+from ray._private.ray_logging import LogDeduplicator
+
+from raysys.runtime import process_env
 
 TASK_S = 0.8  # each task's length: two in a row end after Ray Data's first second with zero limits
 
@@ -36,3 +39,39 @@ def test_every_worker_process_of_the_job_runs_worker_setup(ray_session):
         return getattr(ResourceManager.get_global_limits, "raysys_fix", False)
 
     assert ray.get([fixed.remote() for _ in range(2)]) == [True, True]
+
+
+
+def _worker_count_warning(multiple: int) -> str:  # the raylet's line, as a demo log had it
+    return (f"WARNING: {2 * multiple} PYTHON worker processes have been started on node: a80746a004340533826823f2353a"
+            f" with address: 192.0.2.2, which is {multiple}x the maximum expected startup concurrency (2). This could "
+            "be a result of using a large number of actors, tasks blocked in ray.get() calls, or tasks with fractional"
+            " CPU requests (e.g., num_cpus=0.1) allowing high concurrency.")
+
+
+def test_rays_log_filter_keeps_a_warning_once_drops_its_repeats_and_folds_no_other_line():
+    """Ray's own deduplicator (the driver's), set up as process_env sets it up."""
+    env = process_env()
+    assert env["RAY_DEDUP_LOGS"] == "1"
+    dedup = LogDeduplicator(5, env["RAY_DEDUP_LOGS_ALLOW_REGEX"], env["RAY_DEDUP_LOGS_SKIP_REGEX"],
+                            _timesource=lambda: 0.0)
+
+    def printed(lines: list[str], pid) -> list[str]:
+        return [line for batch in dedup.deduplicate({"lines": lines, "pid": pid, "ip": "192.0.2.2"})
+                for line in batch["lines"]]
+
+    warnings = [_worker_count_warning(k) for k in (4, 5, 6, 9, 10, 12, 40)]
+    assert printed(warnings, "raylet") == warnings[:1]
+    noise = ["[2026-11-29 20:59:45,631 E 9848 9956] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+             "and ID: '7c5d18f7177c8678' has constructor arguments in the object store and max_restarts > 0. If the "
+             "arguments in the object store go out of scope or are lost, the actor restart will fail.",
+             "Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will be "
+             "retried. Error: The actor is dead because it was killed by `ray.kill`."]
+    assert printed(noise, "raylet") == []
+    # Lines equal but for their numbers, from two trials and twice from one: all printed, none folded.
+    epoch = "[train c1d2f_0000{}] epoch 1/6  lr {}e-03  train_loss 0.4976  val_weighted_log_loss 1.3196"
+    lines = [epoch.format(0, 2.01), epoch.format(1, 1.05)]
+    assert printed(lines[:1], 9848) + printed(lines[1:], 9880) + printed(lines[1:], 9880) == lines + lines[1:]
+    assert printed(["WARNING: something else the raylet says"] * 2, "raylet") == ["WARNING: something else the "
+                                                                                "raylet says"] * 2
+
