@@ -297,9 +297,15 @@ def _unauthorized(request: Request, token: str | None) -> JSONResponse | None:
     return None
 
 
+# A replica told to stop looks for requests still running every SHUTDOWN_LOOP_S (Serve's default: 2 s) and stops
+# once none are: two idle apps went down in 5.3 s with Serve's default, in 1.6 s with this (2 cores).
+SHUTDOWN_LOOP_S = 0.25
+
+
 # Helpers above stand before the class on purpose: Serve serializes the class when the
 # decorator runs, and names defined after it would be missing in the replica.
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_LOOP_S)
 @serve.ingress(api)
 class HemorrhageService:
     def __init__(self, checkpoint: str, max_batch_size: int, batch_wait_ms: float, max_body_bytes: int,
@@ -691,7 +697,8 @@ RETRIED_HEADER = "x-raysys-retried"  # on an answer the Gateway got from a secon
 
 # max_ongoing_requests: requests it holds at once, bodies included (at most max_body_bytes each); the rest wait in
 # Serve's queue. 256: four replicas' worth at HemorrhageService's 64.
-@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}, max_ongoing_requests=256,
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_LOOP_S)
 class Gateway:
     """The HTTP ingress: reads each request's body (within max_body_bytes) and relays it to a HemorrhageService
     replica, which answers it with its own routes.
