@@ -13,7 +13,11 @@
 # 3. the input pipeline on all cores: Ray Data vs a DataLoader, the cache epoch vs the DICOM epoch
 # 4. torch.compile of the training step at batch 64 beside the same step uncompiled, with its compilation time
 #    (first_step_s); it took over 120 s to compile on an H200 before
-# TINY=1 shrinks everything to a CPU smoke run of the same commands (STEP_ALONE=0 leaves out 1, COMPILE=0 4).
+# TINY=1 shrinks everything to a CPU smoke run of the same commands. STEP_ALONE=0, PIPELINE=0 and COMPILE=0 leave out
+# 1, 3 and 4; BATCHES="256 64" and AUGMENT_ON=device choose the end-to-end runs.
+# Seconds each part took on one H200 with 16 cores (2026-11-29), for a device session's 15 minutes: unpacking ~10,
+# phantom 21, cache 34, 1. 178 (cuDNN picks its kernels in each first step: 10-26 s), 2. 75-87 per run, 3. over 100,
+# 4. over 120.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -28,11 +32,11 @@ export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 if [ "${TINY:-0}" = 1 ]; then
-  STUDIES=8; SIZE=96; EPOCHS=2; BATCHES="8"
+  STUDIES=8; SIZE=96; EPOCHS=2; BATCHES=${BATCHES:-8}
   STEP="--batch-sizes 4 --steps 2 --warmup 1"
   COMPILE_STEP="--batch-sizes 4 --steps 2 --warmup 1"
 else
-  STUDIES=160; SIZE=256; EPOCHS=3; BATCHES="64 24"
+  STUDIES=160; SIZE=256; EPOCHS=3; BATCHES=${BATCHES:-64 24}
   STEP="--batch-sizes 24,64,256 --steps 30 --warmup 10"
   COMPILE_STEP="--batch-sizes 64 --steps 30 --warmup 3"
 fi
@@ -48,7 +52,7 @@ stamp() { echo "[gpu_check $(date +%T)] $*" >&2; }
     stamp "1. the step alone"
     $PY benchmarks/train_throughput.py $STEP --image-size "$SIZE" --out "$OUT/step.json"
   fi
-  for on in device data; do
+  for on in ${AUGMENT_ON:-device data}; do
     for batch in $BATCHES; do
       stamp "2. Ray Train end to end: batch $batch, augmentation on the $on"
       $PY benchmarks/train_e2e.py --data "$WORK/cache" --labels "$WORK/cache/labels.csv" --image-size "$SIZE" \
@@ -56,9 +60,11 @@ stamp() { echo "[gpu_check $(date +%T)] $*" >&2; }
         --out "$OUT/e2e-b$batch-$on.json"
     done
   done
-  stamp "3. the input pipeline on $(nproc) cores"
-  $PY benchmarks/data_pipeline.py --data "$WORK/phantom/dicoms" --labels "$WORK/phantom/labels.csv" --size "$SIZE" \
-    --dataloader-workers "$(( $(nproc) > 2 ? $(nproc) - 1 : 2 ))" --out "$OUT/pipeline.json"
+  if [ "${PIPELINE:-1}" = 1 ]; then
+    stamp "3. the input pipeline on $(nproc) cores"
+    $PY benchmarks/data_pipeline.py --data "$WORK/phantom/dicoms" --labels "$WORK/phantom/labels.csv" --size "$SIZE" \
+      --dataloader-workers "$(( $(nproc) > 2 ? $(nproc) - 1 : 2 ))" --out "$OUT/pipeline.json"
+  fi
   if [ "${COMPILE:-1}" = 1 ]; then
     stamp "4. torch.compile of the step"
     $PY benchmarks/train_throughput.py $COMPILE_STEP --image-size "$SIZE" --compile --out "$OUT/step-compile.json"
