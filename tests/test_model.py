@@ -180,4 +180,3 @@ def test_auto_precision_trains_in_bf16_only_at_the_batches_where_an_h200_measure
     assert use_amp("auto", cuda, 256) and use_amp("auto", cuda)  # a large training batch; inference (no batch)
     assert not use_amp("auto", cpu, 256) and not use_amp("auto", cpu)
     assert use_amp("bf16", cpu, 24) and not use_amp("off", cuda, 256)
-

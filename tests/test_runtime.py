@@ -41,7 +41,6 @@ def test_every_worker_process_of_the_job_runs_worker_setup(ray_session):
     assert ray.get([fixed.remote() for _ in range(2)]) == [True, True]
 
 
-
 def _worker_count_warning(multiple: int) -> str:  # the raylet's line, as a demo log had it
     return (f"WARNING: {2 * multiple} PYTHON worker processes have been started on node: a80746a004340533826823f2353a"
             f" with address: 192.0.2.2, which is {multiple}x the maximum expected startup concurrency (2). This could "
@@ -72,6 +71,5 @@ def test_rays_log_filter_keeps_a_warning_once_drops_its_repeats_and_folds_no_oth
     epoch = "[train c1d2f_0000{}] epoch 1/6  lr {}e-03  train_loss 0.4976  val_weighted_log_loss 1.3196"
     lines = [epoch.format(0, 2.01), epoch.format(1, 1.05)]
     assert printed(lines[:1], 9848) + printed(lines[1:], 9880) + printed(lines[1:], 9880) == lines + lines[1:]
-    assert printed(["WARNING: something else the raylet says"] * 2, "raylet") == ["WARNING: something else the "
-                                                                                "raylet says"] * 2
-
+    other = ["WARNING: something else the raylet says"] * 2
+    assert printed(other, "raylet") == other
