@@ -30,6 +30,9 @@ RAY_NOISE = (r"which is (?:[5-9]|\d{2,})x the maximum expected startup concurren
              r"|ServeController\.graceful_shutdown failed")
 
 
+TRAIN_POLL_S = 0.2  # how often Train's controller looks at its workers (process_env)
+
+
 @contextmanager
 def env_default(name: str, value: str) -> Iterator[None]:
     """Environment variable `name` = `value` in this process for the block, unless the user set it (then theirs
@@ -57,9 +60,11 @@ def process_env() -> dict[str, str]:
         # Tune's new output engine prints its experiment box and status tables even at verbose=0; with the
         # classic engine verbose=0 is silent, and raysys.tune.TrialLog writes one line per trial event.
         "RAY_AIR_NEW_OUTPUT": "0",
-        # Train V2's controller looks at its workers every 2 s, so a run's start and end each wait for the next
-        # look: at 0.5 s a 2-epoch run on 2 cores took 25.0 s instead of 27.6 s (and a lost worker is seen sooner).
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        # Train V2's controller looks at its workers every 2 s by default. It collects each `ray.train.report` on
+        # that look, and a report waits for the one before to be collected: a sequence-stage epoch of ~0.1 s waited
+        # 2 s for each (40 s of a 20-epoch stage, 5 s at 0.2 s, 2 cores). A run's start and end wait for a look
+        # too: a 2-epoch CNN run took 27.6 s at 2 s, 23.6-25.0 s at 0.5 s. A lost worker is also seen sooner.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(TRAIN_POLL_S),
         # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]", so the epoch lines
         # of two trials would hide each other. Every line but RAY_NOISE matches the allow pattern, which Ray
         # prints as it comes, never folded; RAY_NOISE lines it drops.
@@ -165,9 +170,9 @@ def _limits_from_the_first_reservation() -> None:
 def init_ray(address: str | None = None, **kwargs) -> None:
     """Start a local Ray (address None) or join one ("auto", "ray://..."), unless this process already has.
 
-    Worker processes get `process_env()` through the job's runtime environment and log at WARNING,
-    so Ray's own per-task INFO lines stay in Ray's log files instead of the run's log; each runs
-    `worker_setup` first, as this process does.
+    Worker processes get `process_env()` (or this process's own value of a variable) through the job's runtime
+    environment and log at WARNING, so Ray's own per-task INFO lines stay in Ray's log files instead of the run's
+    log; each runs `worker_setup` first, as this process does.
     """
     for key, value in process_env().items():
         os.environ.setdefault(key, value)  # before Ray Data is imported: it reads them once
@@ -182,7 +187,8 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         runtime_env = kwargs.pop("runtime_env", None) or {}
         # Workers also drop DeprecationWarnings: Ray's libraries call Ray's own deprecated APIs (a note to Ray's
         # developers, printed once per worker process into the run's log).
-        workers = {**process_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        # A value the user set in this process's environment is kept (os.environ got the rest just above).
+        workers = {**{key: os.environ[key] for key in process_env()}, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
         runtime_env = {"worker_process_setup_hook": f"{__name__}.worker_setup", **runtime_env,
                        "env_vars": {**workers, **runtime_env.get("env_vars", {})}}
         ray.init(address=address, runtime_env=runtime_env, logging_config=ray.LoggingConfig(log_level="WARNING"),

@@ -28,7 +28,7 @@ from raysys.engine import validation_metrics
 from raysys.labels import LABELS
 from raysys.model import read_meta
 from raysys.predict import Embedder, run_model
-from raysys.runtime import env_default, largest_node_cpus
+from raysys.runtime import largest_node_cpus
 from raysys.sequence import (
     SEQUENCE_FILE,
     SeriesGRU,
@@ -68,12 +68,6 @@ FIXED_ON_RESUME = (*SPLIT_KEYS, "sequence.cnn", "sequence.lr", "sequence.decay",
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # the exported, self-contained sequence checkpoint inside the run directory
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's controller polls its workers
-# Train's controller collects each worker's `ray.train.report` on its health-check poll, every 2 s by default, and a
-# report waits for the one before to be collected: a GRU epoch of ~0.1 s would wait 2 s for each (40 s of a 20-epoch
-# stage on 2 CPU cores). The sequence stage's controller polls every POLL_S instead (Ray passes the variable from the
-# environment of the process that starts the controller; a value the user set is kept).
-POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -132,8 +126,7 @@ def fit_series(cfg: Config, data: SeriesData, callbacks: list | None = None, exp
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    with env_default(HEALTH_CHECK_ENV, str(POLL_S)):
-        result = finish(run_dir, trainer.fit())
+    result = finish(run_dir, trainer.fit())  # Train's controller polls every runtime.TRAIN_POLL_S: reports are quick
     if not export:
         return result
     best = export_sequence(result.best_checkpoint, storage.join(run_dir, BEST_DIR))

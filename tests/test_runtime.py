@@ -6,7 +6,7 @@ import time
 import numpy as np
 from ray._private.ray_logging import LogDeduplicator
 
-from raysys.runtime import process_env
+from raysys.runtime import TRAIN_POLL_S, env_default, process_env
 
 TASK_S = 0.8  # each task's length: two in a row end after Ray Data's first second with zero limits
 
@@ -39,6 +39,29 @@ def test_every_worker_process_of_the_job_runs_worker_setup(ray_session):
         return getattr(ResourceManager.get_global_limits, "raysys_fix", False)
 
     assert ray.get([fixed.remote() for _ in range(2)]) == [True, True]
+
+
+def test_every_worker_process_gets_the_job_environment_where_trains_controller_reads_its_poll(ray_session):
+    """Train's controller runs in a worker process of the job and reads RAY_TRAIN_HEALTH_CHECK_INTERVAL_S there."""
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def poll() -> str | None:
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+    assert float(ray.get(poll.remote())) == TRAIN_POLL_S < 2.0  # Ray's default is 2 s
+
+
+def test_env_default_sets_a_variable_for_a_block_and_keeps_a_users_value(monkeypatch):
+    name = "RAYSYS_TEST_ENV_DEFAULT"
+    monkeypatch.delenv(name, raising=False)
+    with env_default(name, "0.2"):
+        assert os.environ[name] == "0.2"
+    assert name not in os.environ
+    monkeypatch.setenv(name, "1.5")
+    with env_default(name, "0.2"):
+        assert os.environ[name] == "1.5"
+    assert os.environ[name] == "1.5"
 
 
 def _worker_count_warning(multiple: int) -> str:  # the raylet's line, as a demo log had it

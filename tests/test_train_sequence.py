@@ -1,6 +1,5 @@
 """The sequence stage on a real local Ray: embeddings by Ray Data, the BiGRU by Ray Train, predict/evaluate rows."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -187,23 +186,6 @@ def test_tune_sweeps_the_sequence_stage_and_exports_the_best_with_its_cnn(stages
         history = pd.read_csv(Path(result.sweep_dir) / "trials" / trial / "metrics.csv")
         assert list(history["epoch"]) == [1, 2, 3, 4]
     load_sequence(best)  # self-contained: loads with its CNN
-
-
-def test_the_sequence_stage_asks_trains_controller_to_poll_often(monkeypatch):
-    """Train's controller reads RAY_TRAIN_HEALTH_CHECK_INTERVAL_S from the environment of the process that starts it:
-    fit_series sets it to POLL_S while its trainer runs (env_default), restores the environment after, and keeps a
-    user's value."""
-    from raysys.runtime import env_default
-    from raysys.train_sequence import HEALTH_CHECK_ENV, POLL_S
-
-    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
-    with env_default(HEALTH_CHECK_ENV, str(POLL_S)):
-        assert float(os.environ[HEALTH_CHECK_ENV]) == POLL_S < 2.0  # Ray's default is 2 s
-    assert HEALTH_CHECK_ENV not in os.environ
-    monkeypatch.setenv(HEALTH_CHECK_ENV, "1.5")
-    with env_default(HEALTH_CHECK_ENV, str(POLL_S)):
-        assert os.environ[HEALTH_CHECK_ENV] == "1.5"
-    assert os.environ[HEALTH_CHECK_ENV] == "1.5"
 
 
 @pytest.fixture(scope="module")
