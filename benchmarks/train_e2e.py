@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", default="off", help="torch.compile the step (both sides): off, default, "
                         "reduce-overhead (CUDA graphs), max-autotune or aot_eager")
     parser.add_argument("--no-cache", action="store_true", help="train from the DICOMs, not a prepared cache")
+    parser.add_argument("--pin-memory", action="store_true", help="batches in page-locked memory (CUDA only)")
     add_ray_flags(parser)
     args = parser.parse_args(argv)
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data.neg_ratio": args.neg_ratio,
             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.workers": args.workers,
             "train.cpus_per_worker": args.cpus_per_worker, "train.gpus_per_worker": 1.0 if gpus else 0.0,
-            "train.amp": args.amp, "train.compile": args.compile, "train.storage_path": str(tmp / "runs"), "train.name": "e2e",
+            "train.amp": args.amp, "train.compile": args.compile, "train.pin_memory": args.pin_memory,
+            "train.storage_path": str(tmp / "runs"), "train.name": "e2e",
         })
         prepare_s = None
         if not args.no_cache and not is_cache(str(data)):
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "cluster_cpus": cores,
         "source": "dicom" if args.no_cache else "cache", "prepare_s": prepare_s, "neg_ratio": args.neg_ratio,
         "augment_on": args.augment_on,
-        "amp": args.amp, "compile": args.compile, "image_size": args.image_size, "batch_size": args.batch_size,
+        "amp": args.amp, "compile": args.compile, "pin_memory": args.pin_memory,
+        "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "torch_threads": threads,  # a worker's, and the standalone step's
         "images_per_epoch": int(history["train_images"].iloc[-1]),
         "epochs": [{"epoch": int(r.epoch), "images_per_s_per_worker": round(r.train_images_per_s, 1),

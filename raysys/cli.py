@@ -49,6 +49,7 @@ RECIPE_FLAGS = {
     "--compile": ("train.compile", str, "torch.compile the training step: off, default, reduce-overhead (CUDA "
                   "graphs), max-autotune, or aot_eager (traces without generating code: a quick check)"),
     "--max-steps-per-epoch": ("train.max_steps_per_epoch", int, "cap steps per epoch (smoke tests)"),
+    "--pin-memory": ("train.pin_memory", str, "true/false: batches in page-locked memory for the copy to the GPU"),
     "--mlflow-uri": ("train.mlflow_uri", str, "MLflow tracking URI or folder (pip install 'raysys[mlflow]')"),
     "--mlflow-experiment": ("train.mlflow_experiment", str, "MLflow experiment name"),
 }
@@ -238,7 +239,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 # `raysys tune` flags that set the CNN's training; with --stage sequence the CNN is already trained.
 CNN_ONLY_FLAGS = ("--windows", "--image-size", "--neg-ratio", "--neighbors", "--weights", "--aux-logits", "--amp",
-                  "--compile", "--max-steps-per-epoch")
+                  "--compile", "--max-steps-per-epoch", "--pin-memory")
 
 
 def _sequence_flags(args: argparse.Namespace) -> None:

@@ -126,6 +126,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto": bf16 autocast on CUDA from engine.BF16_MIN_BATCH per worker; "bf16" forces it; "off"
     compile: str = "off"  # torch.compile the training step (COMPILE_MODES); off: measured slower on CPUs (README)
     max_steps_per_epoch: int = 0  # 0 = a full pass; > 0 caps steps (smoke tests)
+    pin_memory: bool = False  # CUDA only: batches in page-locked memory, copied to the GPU without blocking the host
     mlflow_uri: str = ""  # MLflow tracking URI (http://..., sqlite:///..., a folder): params, epochs, best checkpoint
     mlflow_experiment: str = "raysys"  # the MLflow experiment runs and sweep trials go to
 

@@ -126,7 +126,10 @@ def train_one_epoch(
     row's `aug_seed`; None when the data workers augmented already.
     """
     model.train()
-    total_loss, images, steps, skipped, start, first_batch = 0.0, 0, 0, 0, time.perf_counter(), None
+    # The loss is summed on the device and read once, at the end: reading it every step (loss.item()) would make
+    # the host wait for each step's last kernel before it fetches the next batch and queues the next step.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    images, steps, skipped, start, first_batch = 0, 0, 0, time.perf_counter(), None
     first_step = 0.0
     for batch in batches:
         if first_batch is None:
@@ -149,7 +152,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss.detach() * len(y)
         images += len(y)
         steps += 1
         if steps == 1:  # a compiled model compiles here: its first step is mostly compilation
@@ -158,8 +161,9 @@ def train_one_epoch(
             on_step(steps, images, time.perf_counter() - start)
         if max_steps and steps >= max_steps:
             break
+    total = total_loss.item()  # waits for the last step: the epoch's time includes it
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(images, 1), "train_images": images, "train_seconds": seconds,
+    return {"train_loss": total / max(images, 1), "train_images": images, "train_seconds": seconds,
             "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0,
             "first_step_seconds": first_step, "train_steps": steps, "train_skipped_batches": skipped}
 

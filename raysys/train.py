@@ -316,11 +316,19 @@ def restored_history(history: list[dict]) -> list[dict]:
 
 def _shard(name: str, cfg: Config, device):
     """This worker's batches of the dataset `name`, on its device. A compiled training step drops an epoch's
-    partial last batch: its shape would compile the step again (at most batch_size - 1 of the epoch's sample)."""
-    columns = VAL_COLUMNS if name == "val" else train_columns(cfg)
+    partial last batch: its shape would compile the step again (at most batch_size - 1 of the epoch's sample).
+
+    Ray copies the batches to the device in its prefetch thread, except where the device augments: there the
+    batches stay on the host and the training step copies the images, because the augmentation's seeds are read
+    on the host, and reading them from a GPU would make the host wait for the step before. With pin_memory the
+    step's copy does not wait either (a copy from pageable memory waits for the device's queue to drain)."""
+    training = name != "val"
+    columns = train_columns(cfg) if training else VAL_COLUMNS
+    on_host = training and cfg.augment.on == "device"
     return ray.train.get_dataset_shard(name).iter_torch_batches(
-        batch_size=cfg.train.batch_size, dtypes={c: DTYPES[c] for c in columns}, device=device, prefetch_batches=2,
-        drop_last=name != "val" and cfg.train.compile != "off")
+        batch_size=cfg.train.batch_size, dtypes={c: DTYPES[c] for c in columns},
+        device="cpu" if on_host else device, prefetch_batches=2, drop_last=training and cfg.train.compile != "off",
+        pin_memory=cfg.train.pin_memory and device.type == "cuda")
 
 
 def _flatten(val: dict) -> dict:

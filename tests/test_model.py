@@ -155,6 +155,30 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     assert stats["train_skipped_batches"] == 1
 
 
+def test_the_epochs_train_loss_is_the_image_weighted_mean_of_its_steps_losses():
+    # train_one_epoch sums the loss on the device and reads it once; a plain loop reading every step's loss
+    # (batches of 4, 4 and 3 images: the weights matter) must give the same mean.
+    batches = [*_batches(), *_batches(n_batches=1, batch=3, seed=4)]
+    torch.manual_seed(0)
+    model = build_model(image_size=SIZE)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(7)  # dropout
+    stats = train_one_epoch(model, batches, torch.optim.Adam(model.parameters(), lr=1e-3), WeightedBCE(),
+                            torch.device("cpu"))
+    optimizer, loss_fn, losses = torch.optim.Adam(twin.parameters(), lr=1e-3), WeightedBCE(), []
+    twin.train()
+    torch.manual_seed(7)
+    for b in batches:
+        x = to_model_input(b["image"], twin.contract.mean, twin.contract.std).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(twin(x), b["label"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert stats["train_images"] == 11
+    assert stats["train_loss"] == pytest.approx((4 * losses[0] + 4 * losses[1] + 3 * losses[2]) / 11, rel=1e-5)
+
+
 def test_device_augmentation_runs_inside_the_training_step():
     from raysys.config import AugmentConfig
     from raysys.device_augment import DeviceAugment

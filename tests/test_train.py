@@ -36,6 +36,7 @@ def _cfg(phantom, tmp_path, epochs):
         "train.epochs": epochs, "train.batch_size": 4, "train.workers": 2, "train.lr": 1e-3, "train.decay": 0.5,
         "train.storage_path": str(tmp_path / "runs"), "train.name": "t", "train.max_steps_per_epoch": 3,
         "train.max_failures": 1, "train.mlflow_uri": str(tmp_path / "mlruns"), "train.mlflow_experiment": "fit",
+        "train.pin_memory": True,  # CUDA only: a CPU run must ignore it (pinning needs a GPU)
     })
 
 
