@@ -6,7 +6,7 @@ import time
 import numpy as np
 from ray._private.ray_logging import LogDeduplicator
 
-from raysys.runtime import TRAIN_POLL_S, env_default, process_env
+from raysys.runtime import STARVATION_WARNING_S, TRAIN_POLL_S, env_default, process_env
 
 TASK_S = 0.8  # each task's length: two in a row end after Ray Data's first second with zero limits
 
@@ -42,14 +42,17 @@ def test_every_worker_process_of_the_job_runs_worker_setup(ray_session):
 
 
 def test_every_worker_process_gets_the_job_environment_where_trains_controller_reads_its_poll(ray_session):
-    """Train's controller runs in a worker process of the job and reads RAY_TRAIN_HEALTH_CHECK_INTERVAL_S there."""
+    """Train's controller runs in a worker process of the job and reads RAY_TRAIN_HEALTH_CHECK_INTERVAL_S there;
+    Train's split coordinators run Ray Data's executions there and read RAY_DATA_STARVATION_WARNING_DELAY_S."""
     import ray
 
     @ray.remote(num_cpus=0.1)
-    def poll() -> str | None:
-        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    def poll() -> tuple[str | None, str | None]:
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"), os.environ.get("RAY_DATA_STARVATION_WARNING_DELAY_S")
 
-    assert float(ray.get(poll.remote())) == TRAIN_POLL_S < 2.0  # Ray's default is 2 s
+    train_poll, starvation = ray.get(poll.remote())
+    assert float(train_poll) == TRAIN_POLL_S < 2.0  # Ray's default is 2 s
+    assert float(starvation) == STARVATION_WARNING_S > 60  # Ray's default is 60 s
 
 
 def test_env_default_sets_a_variable_for_a_block_and_keeps_a_users_value(monkeypatch):
