@@ -66,11 +66,12 @@ def process_env() -> dict[str, str]:
         # 2 s for each (40 s of a 20-epoch stage, 5 s at 0.2 s, 2 cores). A run's start and end wait for a look
         # too: a 2-epoch CNN run took 27.6 s at 2 s, 23.6-25.0 s at 0.5 s. A lost worker is also seen sooner.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(TRAIN_POLL_S),
-        # Ray Data shares the CPUs that no one asked for among concurrent executions by integer division (1 CPU
-        # left over for two trials' pipelines: 0 each), so on a small machine a pipeline can go on for minutes
-        # on the one task an idle operator is always allowed, and Ray warned after 60 s, once per epoch and
-        # trial, that the job "may hang forever" (2-core demo, epochs of 100 s). One that runs nothing for
-        # 10 minutes is still named.
+        # Ray Data divides each node's CPUs among the executions registered at once by integer division (its
+        # autoscaling coordinator: 2 CPUs among three or more is 0 each), and an execution left with less than
+        # one task's CPUs goes on with the one task an idle operator is always allowed. In the 2-core demo's two
+        # concurrent trials (epochs of 100 s on a slower machine) Ray then warned after 60 s, once per epoch and
+        # trial, that the job "may hang forever" while every epoch finished. One that runs nothing for 10
+        # minutes is still named.
         "RAY_DATA_STARVATION_WARNING_DELAY_S": str(STARVATION_WARNING_S),
         # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]", so the epoch lines
         # of two trials would hide each other. Every line but RAY_NOISE matches the allow pattern, which Ray
