@@ -112,6 +112,11 @@ def cluster():
         # `ray.init()` anywhere on the machine would otherwise connect to. RAY_ADDRESS points this driver's and its
         # workers' auto-detecting calls (Train's controller asks the state API about its actors) at this cluster.
         env.setenv("RAY_TMPDIR", str(temp))
+        # Serve's router asks each replica for its queue length and passes over one that does not answer within
+        # 0.1 s. Two replicas and the Gateway on 2 loaded cores missed that for seconds, so that every request of
+        # the node-loss test went to the other replica and none was in flight on the one lost. Every process of
+        # this cluster inherits the longer wait (Serve's own ceiling for the probe).
+        env.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
         head = Cluster()
         try:
             head.add_node(num_cpus=0, include_dashboard=True, dashboard_port=free_port(),
