@@ -130,8 +130,14 @@ def train_one_epoch(
     # the host wait for each step's last kernel before it fetches the next batch and queues the next step.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     images, steps, skipped, start, first_batch = 0, 0, 0, time.perf_counter(), None
-    first_step = 0.0
-    for batch in batches:
+    first_step, waited = 0.0, 0.0
+    stream = iter(batches)
+    while True:
+        asked = time.perf_counter()
+        batch = next(stream, None)
+        waited += time.perf_counter() - asked  # the host blocked on the data pipeline (first batch and end included)
+        if batch is None:
+            break
         if first_batch is None:
             first_batch = time.perf_counter() - start  # pipeline start-up: a long one means the data is late
         if len(batch["label"]) < 2:
@@ -165,7 +171,8 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     return {"train_loss": total / max(images, 1), "train_images": images, "train_seconds": seconds,
             "train_images_per_s": images / seconds if seconds > 0 else 0.0, "first_batch_seconds": first_batch or 0.0,
-            "first_step_seconds": first_step, "train_steps": steps, "train_skipped_batches": skipped}
+            "first_step_seconds": first_step, "data_wait_seconds": waited, "train_steps": steps,
+            "train_skipped_batches": skipped}
 
 
 def score_batches(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:

@@ -32,6 +32,8 @@ RAY_NOISE = (r"which is (?:[5-9]|\d{2,})x the maximum expected startup concurren
 
 STARVATION_WARNING_S = 600  # Ray Data's warning about an operator without resources, after this long (process_env)
 TRAIN_POLL_S = 0.2  # how often Train's controller looks at its workers (process_env)
+CALLBACKS_ENV = "RAY_DATA_EXECUTION_CALLBACKS"  # Ray Data's registry of execution callbacks: "module.Class,..."
+IDLE_WAIT = "raysys.executor_idle.IdleWait"  # stops an executor's scheduling loop from spinning (process_env)
 
 
 @contextmanager
@@ -46,6 +48,16 @@ def env_default(name: str, value: str) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(name, None)
+
+
+def apply_process_env() -> None:
+    """process_env() into this process's environment; a variable the user set keeps its value (CALLBACKS_ENV
+    gets raysys's callback added to the user's)."""
+    for key, value in process_env().items():
+        if key == CALLBACKS_ENV:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
 
 
 def interactive() -> bool:
@@ -73,6 +85,10 @@ def process_env() -> dict[str, str]:
         # trial, that the job "may hang forever" while every epoch finished. One that runs nothing for 10
         # minutes is still named.
         "RAY_DATA_STARVATION_WARNING_DELAY_S": str(STARVATION_WARNING_S),
+        # Ray Data's scheduling loop spins at up to a full core while a pipeline waits for a slower consumer
+        # (raysys/executor_idle.py); in the 2-core demo the Tune stage's epochs took 1.3-1.7x as long. Added to
+        # whatever callbacks the user registered there.
+        CALLBACKS_ENV: ",".join(dict.fromkeys(filter(None, [*os.environ.get(CALLBACKS_ENV, "").split(","), IDLE_WAIT]))),
         # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]", so the epoch lines
         # of two trials would hide each other. Every line but RAY_NOISE matches the allow pattern, which Ray
         # prints as it comes, never folded; RAY_NOISE lines it drops.
@@ -123,8 +139,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     Ray's own loggers are kept at WARNING and share the handler: ray.init and Ray's libraries add
     console handlers of their own, which would print lines in other formats or print them twice.
     """
-    for key, value in process_env().items():
-        os.environ.setdefault(key, value)
+    apply_process_env()
     root = logging.getLogger()
     for handler in [h for h in root.handlers if _is_console(h)]:
         root.removeHandler(handler)
@@ -182,8 +197,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     environment and log at WARNING, so Ray's own per-task INFO lines stay in Ray's log files instead of the run's
     log; each runs `worker_setup` first, as this process does.
     """
-    for key, value in process_env().items():
-        os.environ.setdefault(key, value)  # before Ray Data is imported: it reads them once
+    apply_process_env()  # before Ray Data is imported: it reads most of them once
     # A local Ray keeps enough idle worker processes for fractional-CPU tasks. Ray keeps about one per CPU
     # and ends the rest after a second idle, so bursts of 0.25-CPU decode tasks kept starting processes
     # that import raysys again, costing more than the decoding (1,054 slices: 84 img/s without, 399 img/s

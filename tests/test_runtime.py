@@ -6,7 +6,8 @@ import time
 import numpy as np
 from ray._private.ray_logging import LogDeduplicator
 
-from raysys.runtime import STARVATION_WARNING_S, TRAIN_POLL_S, env_default, process_env
+from raysys.executor_idle import IDLE_WAIT_S, IdleWait
+from raysys.runtime import CALLBACKS_ENV, STARVATION_WARNING_S, TRAIN_POLL_S, env_default, process_env
 
 TASK_S = 0.8  # each task's length: two in a row end after Ray Data's first second with zero limits
 
@@ -53,6 +54,52 @@ def test_every_worker_process_gets_the_job_environment_where_trains_controller_r
     train_poll, starvation = ray.get(poll.remote())
     assert float(train_poll) == TRAIN_POLL_S < 2.0  # Ray's default is 2 s
     assert float(starvation) == STARVATION_WARNING_S > 60  # Ray's default is 60 s
+
+
+def test_every_worker_process_registers_the_idle_wait_with_ray_data(ray_session):
+    """Split coordinators and Train workers run Ray Data's executions in worker processes: the callback that stops
+    the scheduling loop from spinning must be among the classes each execution there instantiates."""
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def registered() -> list[str]:
+        from ray.data import DataContext
+
+        return [f"{c.__module__}.{c.__qualname__}" for c in DataContext.get_current().execution_callback_classes]
+
+    assert "raysys.executor_idle.IdleWait" in ray.get(registered.remote())
+
+
+def test_the_users_own_execution_callbacks_are_kept_beside_raysys(monkeypatch):
+    monkeypatch.setenv(CALLBACKS_ENV, "mylab.callbacks.Audit")
+    assert process_env()[CALLBACKS_ENV] == "mylab.callbacks.Audit,raysys.executor_idle.IdleWait"
+    monkeypatch.setenv(CALLBACKS_ENV, "raysys.executor_idle.IdleWait")
+    assert process_env()[CALLBACKS_ENV] == "raysys.executor_idle.IdleWait"  # not twice
+
+
+def test_idle_wait_sleeps_only_after_a_step_that_changed_nothing_right_after_another(ray_session):
+    """On a real streaming execution: two steps with no progress between them in a row spin; a step after the
+    consumer took a block, or one long after the last, does not."""
+    import ray
+
+    ds = ray.data.range(40, override_num_blocks=4).map_batches(lambda b: b, batch_size=None)
+    executor = ds._create_executor()
+    bundles = ds._build_bundle_iterator(executor)
+    try:
+        taken = next(iter(bundles))  # starts the execution and waits for its first output
+        assert taken is not None
+        wait = IdleWait()
+        now = 1000.0
+        assert not wait.idle(executor, now)  # nothing seen before
+        while executor._topology and any(op.num_active_tasks() for op in executor._topology):
+            time.sleep(0.05)  # let every task finish: from here on only the consumer can change anything
+        assert not wait.idle(executor, now)  # progress since the first look (the tasks finished)
+        assert wait.idle(executor, now + IDLE_WAIT_S / 2)  # no progress, right after: spinning
+        assert not wait.idle(executor, now + 3 * IDLE_WAIT_S)  # no progress, but the loop had waited
+        next(iter(bundles))  # the consumer takes a block
+        assert not wait.idle(executor, now + 3.5 * IDLE_WAIT_S)
+    finally:
+        executor.shutdown(force=True)
 
 
 def test_env_default_sets_a_variable_for_a_block_and_keeps_a_users_value(monkeypatch):
