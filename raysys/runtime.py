@@ -1,5 +1,6 @@
-"""How raysys starts or joins Ray, and what every process it starts gets: environment, log format and one fix
-to Ray Data's start-up (`worker_setup`).
+"""How raysys starts or joins Ray, and what every process it starts gets: environment, log format and two fixes
+to Ray Data: its start-up (`worker_setup`) and its idle scheduling loop (raysys/executor_idle.py, registered
+through `process_env`).
 
 Every entry point (CLI, demo, jobs, benchmarks, the test session) calls `init_ray`, so that a
 captured log reads like a torchvision reference log: one line per event, no progress-bar
