@@ -66,17 +66,17 @@ class CoordinatorCPU:
 
 def one_variant(variant: str, data: Path, workdir: Path, epochs: int, num_cpus: int) -> dict:
     """Run the sweep in this process on a fresh local Ray (`variant` decides whether IdleWait is registered)."""
+    from raysys.runtime import CALLBACKS_ENV, init_ray
+
+    env = {} if variant == "raysys" else {"env_vars": {CALLBACKS_ENV: ""}}  # workers: no callback for "ray"
+    init_ray("local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)  # before Ray Data is imported
+    if variant == "ray":
+        os.environ[CALLBACKS_ENV] = ""  # and none for this driver's own executions
     import pandas as pd
     import ray
 
     from raysys.config import Config
-    from raysys.runtime import CALLBACKS_ENV, init_ray
     from raysys.tune import sweep
-
-    env = {} if variant == "raysys" else {"env_vars": {CALLBACKS_ENV: ""}}  # workers: no callback for "ray"
-    init_ray("local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
-    if variant == "ray":
-        os.environ[CALLBACKS_ENV] = ""  # and none for this driver's own executions
     cfg = Config().replace(**{
         "data.data": str(data / "dicoms"), "data.labels": str(data / "labels.csv"), "data.image_size": 96,
         "data.val_fraction": 0.2, "model.weights": "none", "train.batch_size": 16, "train.workers": 1,
