@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -99,8 +100,19 @@ def test_train_one_epoch_then_evaluate_and_checkpoint_round_trip(tmp_path):
     model = build_model(image_size=SIZE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train_one_epoch(model, _batches(), optimizer, WeightedBCE(), device)
+    late = 0.05  # the data pipeline's delay before each batch and before it ends
+
+    def slow_batches():
+        for batch in _batches():
+            time.sleep(late)
+            yield batch
+        time.sleep(late)
+
+    stats = train_one_epoch(model, slow_batches(), optimizer, WeightedBCE(), device)
     assert stats["train_images"] == 8 and np.isfinite(stats["train_loss"])
+    # The loop's time blocked on the data: at least the three delays, within the epoch, the first batch's included.
+    assert late <= stats["first_batch_seconds"] <= stats["data_wait_seconds"]
+    assert 3 * late <= stats["data_wait_seconds"] < stats["train_seconds"]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     val = list(_batches(seed=9))
