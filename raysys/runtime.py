@@ -220,6 +220,47 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     configure_logging()
 
 
+def orphaned_placement_groups(groups: list[dict], dead_jobs: set[str], jobs_with_live_actors: set[str]) -> list[dict]:
+    """The placement groups Ray should have removed with their job: created, not detached, made by a job that has
+    ended and has no actor left alive (a detached actor keeps its job's groups). `groups`: the state API's
+    placement groups as dicts (placement_group_id, creator_job_id, state, is_detached)."""
+    return [g for g in groups if g["state"] == "CREATED" and not g["is_detached"]
+            and g["creator_job_id"] in dead_jobs and g["creator_job_id"] not in jobs_with_live_actors]
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove orphaned_placement_groups() from the cluster; returns how many.
+
+    A driver killed while one of its Train runs starts a worker group can leave that group's placement group
+    behind (Ray 2.60: created 0.2 s after the job had ended, in a test that kills a sweep's driver), holding its
+    CPUs for good; a sweep relaunched to resume then waits forever for them. Called before a sweep resumes. Needs
+    Ray's state API (the dashboard); without it nothing is removed."""
+    import dataclasses
+
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util import state
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        groups = [dataclasses.asdict(g) for g in state.list_placement_groups(
+            detail=True, filters=[("state", "=", "CREATED")], limit=10_000, raise_on_missing_output=False)]
+        dead = {job["JobID"] for job in ray._private.state.jobs() if job["IsDead"]}
+        alive = {a.job_id for a in state.list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                     raise_on_missing_output=False)}
+    except Exception as e:  # no dashboard, or a state API that moved: leave the cluster as it is
+        logging.getLogger(__name__).debug("placement groups not checked: %s", e)
+        return 0
+    orphans = orphaned_placement_groups(groups, dead, alive)
+    for g in orphans:
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(g["placement_group_id"])))
+        held = [b.get("unit_resources") for b in g.get("bundles") or [] if isinstance(b, dict)]
+        logging.getLogger(__name__).warning(
+            "removed placement group %s (bundles %s) left by job %s, which has ended: a killed driver's run can leave "
+            "one behind, holding those resources for good", g["placement_group_id"], held, g["creator_job_id"])
+    return len(orphans)
+
+
 def largest_node_cpus() -> float:
     """CPUs of the largest live node: the most one actor can hold."""
     import ray

@@ -20,7 +20,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from raysys import storage
 from raysys.config import Config, SweepConfig, from_dict, save_config
 from raysys.model import read_meta
-from raysys.runtime import env_default
+from raysys.runtime import env_default, remove_orphaned_placement_groups
 from raysys.sequence import export_sequence
 from raysys.tracking import RUN_DIR_TAG, mlflow_module, recipe_params
 from raysys.train import SCORE, Split, fit_split, load_split, put_backbone
@@ -165,6 +165,7 @@ def sweep(cfg: Config, stage: str = "cnn") -> SweepResult:
     rungs = storage.join(sweep_dir, RUNGS_FILE)
     if tune.Tuner.can_restore(tuner_path):
         log.info("resuming sweep %s", tuner_path)
+        remove_orphaned_placement_groups()  # a killed driver's last Train run may have left its CPUs held
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_errored=True)
     else:
         if storage.exists(rungs):

@@ -7,7 +7,15 @@ import numpy as np
 from ray._private.ray_logging import LogDeduplicator
 
 from raysys.executor_idle import IDLE_WAIT_S, IdleWait
-from raysys.runtime import CALLBACKS_ENV, STARVATION_WARNING_S, TRAIN_POLL_S, env_default, process_env
+from raysys.runtime import (
+    CALLBACKS_ENV,
+    STARVATION_WARNING_S,
+    TRAIN_POLL_S,
+    env_default,
+    orphaned_placement_groups,
+    process_env,
+    remove_orphaned_placement_groups,
+)
 
 TASK_S = 0.8  # each task's length: two in a row end after Ray Data's first second with zero limits
 
@@ -146,3 +154,28 @@ def test_rays_log_filter_keeps_a_warning_once_drops_its_repeats_and_folds_no_oth
     assert printed(lines[:1], 9848) + printed(lines[1:], 9880) + printed(lines[1:], 9880) == lines + lines[1:]
     other = ["WARNING: something else the raylet says"] * 2
     assert printed(other, "raylet") == other
+
+
+def test_only_groups_of_ended_jobs_without_live_actors_count_as_orphaned():
+    def group(job, state="CREATED", detached=False):
+        return {"placement_group_id": f"pg-{job}-{state}-{detached}", "creator_job_id": job, "state": state,
+                "is_detached": detached}
+
+    groups = [group("08000000"), group("08000000", state="REMOVED"), group("08000000", detached=True),
+              group("09000000"), group("01000000")]
+    # 08 and 09 have ended; 09 still has a (detached) actor alive; 01 is running.
+    orphans = orphaned_placement_groups(groups, dead_jobs={"08000000", "09000000"}, jobs_with_live_actors={"09000000"})
+    assert [g["placement_group_id"] for g in orphans] == ["pg-08000000-CREATED-False"]
+
+
+def test_removing_orphaned_placement_groups_keeps_the_running_jobs_own(ray_session):
+    """On the session's real cluster: a placement group of this (running) job is not touched."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    mine = placement_group([{"CPU": 0.01}])
+    ray_session.get(mine.ready(), timeout=60)
+    try:
+        assert remove_orphaned_placement_groups() == 0
+        assert ray_session.util.placement_group_table(mine)["state"] == "CREATED"
+    finally:
+        remove_placement_group(mine)
