@@ -87,7 +87,7 @@ def process_env() -> dict[str, str]:
         # minutes is still named.
         "RAY_DATA_STARVATION_WARNING_DELAY_S": str(STARVATION_WARNING_S),
         # Ray Data's scheduling loop spins at up to a full core while a pipeline waits for a slower consumer
-        # (raysys/executor_idle.py); in the 2-core demo the Tune stage's epochs took 1.3-1.7x as long. Added to
+        # (raysys/executor_idle.py); in the 2-core demo the Tune stage's epochs took 1.3-1.5x as long. Added to
         # whatever callbacks the user registered there.
         CALLBACKS_ENV: ",".join(dict.fromkeys(filter(None, [*os.environ.get(CALLBACKS_ENV, "").split(","), IDLE_WAIT]))),
         # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]", so the epoch lines
